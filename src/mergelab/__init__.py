@@ -1,0 +1,45 @@
+"""mergelab: weight-space model merging, and the science of why merging works.
+
+The public API is small; everything is imported lazily so ``import mergelab`` stays fast.
+
+Example:
+    >>> import mergelab
+    >>> from torch import nn
+    >>> merged = mergelab.merge([nn.Linear(4, 2), nn.Linear(4, 2)], method="average")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "merge": "mergelab.merge.registry",
+    "list_methods": "mergelab.merge.registry",
+    "build_model": "mergelab.models",
+    "list_models": "mergelab.models",
+    "load_dataset": "mergelab.data",
+    "split_classes": "mergelab.data",
+    "save": "mergelab.io",
+    "load": "mergelab.io",
+    "train": "mergelab.train",
+    "TrainConfig": "mergelab.train",
+    "discover_structure": "mergelab.structure",
+    "permute": "mergelab.structure",
+    "interpolate": "mergelab.analysis.interpolate",
+    "Structure": "mergelab.structure.types",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mergelab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

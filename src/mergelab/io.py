@@ -1,0 +1,171 @@
+"""Checkpoints: a folder with ``model.safetensors`` (weights and buffers) and ``config.json``.
+
+``config.json`` records what is needed to rebuild the exact model (the zoo spec: architecture, input shape,
+classes, kwargs) plus free-form provenance (dataset, seed, metrics), so ``load(path)`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mergelab import __version__
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not fit the model it should rebuild."""
+
+
+def prepare_run_dir(path: str | Path, *, force: bool = False) -> Path:
+    """Create ``path`` as an empty folder; an existing non-empty one is only replaced with ``force=True``."""
+    path = Path(path)
+    if path.exists() and (path.is_file() or any(path.iterdir())):
+        if not force:
+            raise FileExistsError(
+                f"{path} already exists and is not empty; pass --force (force=True) to overwrite it"
+            )
+        log.warning("overwriting %s", path)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
+    """Save ``model`` as a checkpoint folder.
+
+    Args:
+        model: a zoo model (it carries ``mergelab_spec``) or any module (then ``load`` needs ``model=``).
+        path: the folder to write; an existing non-empty folder is refused unless ``force``.
+        metadata: JSON-able provenance (dataset, seed, metrics, ...).
+        force: overwrite an existing folder.
+
+    Returns:
+        The folder path.
+
+    Example:
+        >>> import tempfile, mergelab
+        >>> m = mergelab.build_model("mlp", (1, 8, 8), 10, width=16, depth=1)
+        >>> p = mergelab.save(m, tempfile.mkdtemp() + "/ckpt")
+        >>> mergelab.load(p).head.weight.shape
+        torch.Size([10, 16])
+    """
+    from safetensors.torch import save_file
+
+    path = prepare_run_dir(path, force=force)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path / WEIGHTS))
+    config = {
+        "mergelab_version": __version__,
+        "model": getattr(model, "mergelab_spec", None),
+        "metadata": dict(metadata or {}),
+    }
+    (path / CONFIG).write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a checkpoint folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    cfg_file = path / CONFIG if path.is_dir() else path.with_name(CONFIG)
+    if not cfg_file.is_file():
+        raise CheckpointError(f"checkpoint {path}: {CONFIG} is missing")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path}: {CONFIG} is corrupt ({e})") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"checkpoint {path}: {CONFIG} is not a JSON object")
+    return cfg
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the model saved at ``path`` and load its weights bit-exactly.
+
+    Args:
+        path: a checkpoint folder (or its ``model.safetensors``).
+        model: a module to load into, for models not built by the zoo; its names and shapes must match.
+
+    Raises:
+        CheckpointError: missing or corrupt files, or weights that do not fit the model.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    folder = path if path.is_dir() else path.parent
+    weights = folder / WEIGHTS
+    if model is None:
+        cfg = read_config(folder)
+        spec = cfg.get("model")
+        if not spec:
+            raise CheckpointError(
+                f"checkpoint {folder}: config has no model spec (not a zoo model); pass model= to load into"
+            )
+        from mergelab.models import build_model
+
+        try:
+            model = build_model(
+                spec["arch"], tuple(spec["input_shape"]), spec["num_classes"], **spec["kwargs"]
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {folder}: cannot rebuild model from {spec}: {e}") from e
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint {folder}: {WEIGHTS} is missing")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {folder}: {WEIGHTS} is corrupt ({e})") from e
+    _check_fits(model, tensors, folder)
+    model.load_state_dict(tensors, strict=True)
+    model.eval()
+    return model
+
+
+def _check_fits(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"checkpoint {where} does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for k, v in expected.items():
+        if tuple(v.shape) != tuple(tensors[k].shape):
+            raise CheckpointError(
+                f"checkpoint {where}: {k!r} has shape {tuple(tensors[k].shape)}, the model expects {tuple(v.shape)}"
+            )
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()  # numpy scalars
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")

@@ -1,0 +1,5 @@
+"""Reports: every study writes report.md + PNG plots + metrics.json into one run folder."""
+
+from mergelab.report.writer import Report, markdown_table, mean_std
+
+__all__ = ["Report", "markdown_table", "mean_std"]

@@ -1,0 +1,136 @@
+"""The CLI runs end to end on tiny settings and reports bad input clearly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mergelab.cli import main
+
+
+def _train(out: Path, seed: int) -> None:
+    code = main(
+        [
+            "train",
+            "--arch",
+            "mlp",
+            "--data",
+            "digits",
+            "--seed",
+            str(seed),
+            "--epochs",
+            "2",
+            "--model-arg",
+            "width=16",
+            "--model-arg",
+            "depth=1",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
+    assert code == 0
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    _train(root / "a", 0)
+    _train(root / "b", 1)
+    return root / "a", root / "b"
+
+
+def test_train_writes_a_checkpoint(two_runs: tuple[Path, Path]) -> None:
+    a, _ = two_runs
+    cfg = json.loads((a / "config.json").read_text())
+    assert cfg["model"]["arch"] == "mlp"
+    assert cfg["metadata"]["dataset"]["name"] == "digits"
+    assert 0.0 <= cfg["metadata"]["metrics"]["test_accuracy"] <= 1.0
+    assert (a / "model.safetensors").is_file()
+
+
+def test_train_refuses_to_overwrite(two_runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    a, _ = two_runs
+    before = (a / "model.safetensors").read_bytes()
+    code = main(["train", "--arch", "mlp", "--data", "digits", "--epochs", "1", "--out", str(a), "-q"])
+    assert code == 2
+    assert "--force" in capsys.readouterr().err
+    assert (a / "model.safetensors").read_bytes() == before
+
+
+def test_eval_uses_the_recorded_dataset(
+    two_runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["eval", str(two_runs[0]), "--json"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert set(metrics) == {"train", "test"}
+
+
+def test_merge_average(
+    two_runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "merged"
+    assert main(["merge", str(two_runs[0]), str(two_runs[1]), "--method", "average", "--out", str(out)]) == 0
+    assert "merged" in capsys.readouterr().out
+    meta = json.loads((out / "config.json").read_text())["metadata"]
+    assert meta["merge"]["method"] == "average"
+    assert "accuracy" in meta["metrics"]["merged"]
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["train", "--arch", "transformerXL", "--data", "digits", "--epochs", "1"], "transformerXL"),
+        (["train", "--arch", "mlp", "--data", "imagenet", "--epochs", "1"], "imagenet"),
+        (["merge", "nope-a", "nope-b", "--method", "average"], "does not exist"),
+        (["merge", "nope-a", "nope-b", "--method", "soup-of-the-day"], "soup-of-the-day"),
+        (["run", "no-such-study"], "no-such-study"),
+    ],
+)
+def test_bad_input_names_the_problem(
+    argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if argv[0] in ("train", "merge"):
+        argv = [*argv, "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_help_everywhere() -> None:
+    for cmd in ([], ["train"], ["eval"], ["merge"], ["interpolate"], ["run"], ["demo"], ["list"]):
+        res = subprocess.run(
+            [sys.executable, "-m", "mergelab.cli", *cmd, "--help"], capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr
+        assert "usage: mergelab" in res.stdout
+
+
+def test_demo_runs_on_tiny_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "-q",
+            "--set",
+            "epochs=2",
+            "--set",
+            "width=16",
+            "--set",
+            'methods=["average"]',
+            "--set",
+            "interpolation_steps=3",
+        ]
+    )
+    assert code == 0
+    report = (out / "report.md").read_text()
+    assert "merge: average" in report and "output ensemble" in report
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["metrics"]["table"]) == 4
+    assert main(["demo", "--out", str(out), "-q"]) == 2  # never overwritten without --force
