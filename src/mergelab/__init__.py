@@ -15,9 +15,11 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# `merge` is imported eagerly: it shares its name with the `mergelab.merge` subpackage, and importing that
+# subpackage later would otherwise rebind `mergelab.merge` to the module.
+from mergelab.merge.registry import list_methods, merge  # noqa: E402
+
 _EXPORTS: dict[str, str] = {
-    "merge": "mergelab.merge.registry",
-    "list_methods": "mergelab.merge.registry",
     "build_model": "mergelab.models",
     "list_models": "mergelab.models",
     "load_dataset": "mergelab.data",
@@ -32,7 +34,7 @@ _EXPORTS: dict[str, str] = {
     "Structure": "mergelab.structure.types",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "merge", "list_methods"])
 
 
 def __getattr__(name: str) -> Any:

@@ -94,8 +94,8 @@ def _load_builtin_methods() -> None:
     import importlib
     import pkgutil
 
-    import mergelab.merge as pkg
-
+    # not `import mergelab.merge as pkg`: that name is the `merge` function on the top-level package
+    pkg = importlib.import_module("mergelab.merge")
     for mod in pkgutil.iter_modules(pkg.__path__):
         if not mod.name.startswith("_") and mod.name != "registry":
             importlib.import_module(f"mergelab.merge.{mod.name}")

@@ -1,0 +1,340 @@
+"""Task-vector merges: task arithmetic, TIES and DARE (and DARE-TIES) as settings of one recipe.
+
+A *task vector* is what fine-tuning added to a pre-trained model, ``tau_i = theta_i - theta_base``. All the
+methods here edit the task vectors of each floating parameter tensor, combine them, and add the result back:
+
+    merged = base + scaling * combine(edit(tau_1), ..., edit(tau_N))
+
+* edit: keep each vector's largest-magnitude entries (TIES "trim", ``density``) and/or drop entries at random
+  and rescale the survivors by ``1 / (1 - p)`` (DARE, ``drop_rate``);
+* combine: ``sum`` or ``mean``, optionally only over the entries whose sign agrees with a per-entry elected
+  sign (TIES "elect" + disjoint merge, ``sign_election``).
+
+The variants are therefore values of one :class:`TaskVectorConfig` (as mergekit does with its generalized task
+arithmetic), not separate implementations:
+
+=================  =======  ==========  =========  =============  =======
+method             density  drop_rate   sign elec  combine        scaling
+=================  =======  ==========  =========  =============  =======
+task_arithmetic    1        0           no         sum            1/N
+ties               0.2      0           yes        mean           1
+dare               1        0.5         no         mean           1
+dare (DARE-TIES)   1        0.5         yes        mean           1
+=================  =======  ==========  =========  =============  =======
+
+Unlike permutation-based merges these assume that every model was fine-tuned from the same ``base``, so their
+units already correspond. Not part of the task vector:
+
+* integer buffers (BatchNorm's ``num_batches_tracked``) are copied from ``base``;
+* floating *buffers* — BatchNorm ``running_mean``/``running_var`` and the like — are not trained by gradients,
+  so a "task vector" of them means nothing (and trimming or scaling a variance can make it wrong or negative).
+  They are the plain average of the fine-tuned models. The merged weights shift the activations anyway, so
+  re-estimate them on data afterwards (``torch.optim.swa_utils.update_bn`` or mergelab's BatchNorm reset).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mergelab.merge.average import check_same_architecture
+from mergelab.merge.registry import register_method
+
+__all__ = [
+    "TaskVectorConfig",
+    "combine_task_vectors",
+    "dare",
+    "merge_task_vectors",
+    "task_arithmetic",
+    "ties",
+]
+
+log = logging.getLogger(__name__)
+
+Combine = Literal["sum", "mean"]
+
+TASK_ARITHMETIC_PAPER = "https://arxiv.org/abs/2212.04089"  # Ilharco et al., ICLR 2023
+TIES_PAPER = "https://arxiv.org/abs/2306.01708"  # Yadav et al., NeurIPS 2023
+DARE_PAPER = "https://arxiv.org/abs/2311.03099"  # Yu et al., ICML 2024
+
+
+@dataclass(frozen=True)
+class TaskVectorConfig:
+    """How to edit and combine task vectors; task arithmetic, TIES, DARE and DARE-TIES are values of it.
+
+    Attributes:
+        scaling: λ, multiplies the combined task vector before it is added to the base.
+        density: fraction of each task vector's entries kept per tensor, largest magnitudes first (TIES trim);
+            1 keeps everything.
+        drop_rate: probability p of dropping each entry of each task vector; survivors are rescaled by
+            ``1 / (1 - p)`` so the expectation is unchanged (DARE); 0 drops nothing.
+        sign_election: elect a sign per entry from the sum of the (edited) task vectors and combine only the
+            entries that agree with it (TIES).
+        combine: ``"sum"`` or ``"mean"`` of the task vectors; with ``sign_election`` the mean is the TIES
+            *disjoint* mean, over the agreeing entries only.
+    """
+
+    scaling: float = 1.0
+    density: float = 1.0
+    drop_rate: float = 0.0
+    sign_election: bool = False
+    combine: Combine = "sum"
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.scaling):
+            raise ValueError(f"task vectors: scaling must be a finite number, got {self.scaling!r}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"task vectors: density must be in (0, 1], got {self.density!r}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"task vectors: drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if self.combine not in ("sum", "mean"):
+            raise ValueError(f"task vectors: combine must be 'sum' or 'mean', got {self.combine!r}")
+
+
+def combine_task_vectors(
+    deltas: torch.Tensor, config: TaskVectorConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Edit and combine the task vectors of one tensor: trim, drop, elect signs, sum or mean, scale.
+
+    Args:
+        deltas: ``(N, *shape)`` stacked task vectors ``theta_i - theta_base`` of one tensor, floating point.
+        config: the recipe.
+        generator: CPU random generator for DARE's drops (drawn on the CPU so that a seed gives the same
+            masks on every device); a fresh unseeded one is used if omitted.
+
+    Returns:
+        ``scaling * combined`` with shape ``shape``; add it to the base tensor.
+
+    Example:
+        >>> import torch
+        >>> d = torch.tensor([[3.0], [-1.0], [-1.0]])  # three models, one entry; mass elects "+"
+        >>> combine_task_vectors(d, TaskVectorConfig(sign_election=True, combine="mean"))
+        tensor([3.])
+    """
+    n = deltas.shape[0]
+    if config.density < 1.0:
+        deltas = _trim(deltas, config.density)
+    if config.drop_rate > 0.0:
+        keep = torch.rand(deltas.shape, generator=generator) >= config.drop_rate  # (N, *shape)
+        deltas = deltas * keep.to(deltas.device) / (1.0 - config.drop_rate)
+    if config.sign_election:
+        # TIES elects by mass (sign of the sum), not by a head count; a zero sum counts as "+".
+        elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)  # (*shape)
+        agree = torch.sign(deltas) == elected  # (N, *shape); trimmed/dropped zeros never agree
+        combined = (deltas * agree).sum(dim=0)
+        if config.combine == "mean":
+            combined = combined / agree.sum(dim=0).clamp(min=1)
+    else:
+        combined = deltas.sum(dim=0)
+        if config.combine == "mean":
+            combined = combined / n
+    return config.scaling * combined
+
+
+def _trim(deltas: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but each row's ``round(density * numel)`` (at least one) largest-magnitude entries."""
+    n = deltas.shape[0]
+    flat = deltas.reshape(n, -1)  # (N, numel)
+    numel = flat.shape[1]
+    k = max(1, round(density * numel))
+    if k >= numel:
+        return deltas
+    idx = flat.abs().topk(k, dim=1).indices  # (N, k)
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True)
+    return (flat * mask).reshape(deltas.shape)
+
+
+def merge_task_vectors(
+    models: Sequence[nn.Module],
+    base: nn.Module | None,
+    config: TaskVectorConfig,
+    *,
+    seed: int = 0,
+    op: str = "task_vectors",
+) -> nn.Module:
+    """Merge fine-tunes of ``base`` by editing and combining their task vectors, tensor by tensor.
+
+    Floating parameters get ``base + combine_task_vectors(...)``; floating buffers (BatchNorm running
+    statistics) are the plain average of ``models``; integer buffers come from ``base``. Arithmetic runs in at
+    least float32 and the result is cast back to the base's dtype.
+
+    Args:
+        models: the fine-tuned models (one or more), all of ``base``'s architecture.
+        base: the pre-trained model they were all fine-tuned from.
+        config: the recipe (see :class:`TaskVectorConfig`).
+        seed: seeds DARE's random drops; the same seed gives the same merge.
+        op: the method name used in error messages.
+
+    Returns:
+        A new model (a copy of ``base`` with merged weights); the inputs are never modified.
+
+    Example:
+        >>> import copy, torch
+        >>> from torch import nn
+        >>> base = nn.Linear(4, 2)
+        >>> ft = copy.deepcopy(base)
+        >>> with torch.no_grad():
+        ...     _ = ft.weight.add_(1.0)
+        >>> m = merge_task_vectors([ft], base, TaskVectorConfig(scaling=0.5))
+        >>> torch.allclose(m.weight, base.weight + 0.5)
+        True
+    """
+    if base is None:
+        raise ValueError(
+            f"{op}: needs base= (the pre-trained model every model was fine-tuned from); "
+            "task vectors are measured from it"
+        )
+    if not isinstance(base, nn.Module):
+        raise TypeError(f"{op}: base must be an nn.Module, got {type(base).__name__}")
+    models = list(models)
+    if not models:
+        raise ValueError(f"{op}: got no models")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{op}: models[{i}] must be an nn.Module, got {type(m).__name__}")
+    check_same_architecture([base, *models], f"{op} (model 0 is base, model i is models[i-1])")
+
+    param_names = {name for name, _ in base.named_parameters(remove_duplicate=False)}
+    base_sd = base.state_dict()
+    sds = [m.state_dict() for m in models]
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, b in base_sd.items():
+        if not b.is_floating_point():
+            out[name] = b.clone()
+            continue
+        work = torch.promote_types(b.dtype, torch.float32)
+        if name not in param_names:  # a statistic, not a trained weight: average it (see module docstring)
+            out[name] = (
+                torch.stack([sd[name].to(device=b.device, dtype=work) for sd in sds]).mean(dim=0).to(b.dtype)
+            )
+            continue
+        b_work = b.detach().to(work)
+        deltas = torch.stack([sd[name].detach().to(device=b.device, dtype=work) - b_work for sd in sds])
+        out[name] = (b_work + combine_task_vectors(deltas, config, generator)).to(b.dtype)  # (*shape)
+    merged = copy.deepcopy(base)
+    merged.load_state_dict(out)
+    log.debug("%s: merged %d models into base with %s", op, len(models), config)
+    return merged
+
+
+@register_method("task_arithmetic", paper=TASK_ARITHMETIC_PAPER)
+def task_arithmetic(
+    models: Sequence[nn.Module],
+    *,
+    data: object = None,
+    base: nn.Module | None = None,
+    scaling: float | None = None,
+) -> nn.Module:
+    """Task arithmetic: base + λ·Σ (θ_i − θ_base) over the fine-tunes of one base (Ilharco et al. 2023).
+
+    Args:
+        models: models fine-tuned from ``base``.
+        data: unused.
+        base: the pre-trained model (required).
+        scaling: λ. Default ``1/N``, which makes the merge the uniform average of the fine-tunes — a safe
+            choice without validation data. The paper picks λ on held-out data from [0, 1] (FusionBench uses
+            0.3 for eight tasks); larger λ adds more of each task at the price of interference.
+
+    Returns:
+        A new model.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mergelab.merge import merge
+        >>> base, a, b = nn.Linear(4, 2), nn.Linear(4, 2), nn.Linear(4, 2)
+        >>> m = merge([a, b], method="task_arithmetic", base=base, scaling=0.5)
+        >>> torch.allclose(m.weight, (a.weight + b.weight) / 2)
+        True
+    """
+    del data
+    lam = 1.0 / len(models) if scaling is None else float(scaling)
+    return merge_task_vectors(models, base, TaskVectorConfig(scaling=lam), op="task_arithmetic")
+
+
+@register_method("ties", paper=TIES_PAPER)
+def ties(
+    models: Sequence[nn.Module],
+    *,
+    data: object = None,
+    base: nn.Module | None = None,
+    scaling: float = 1.0,
+    density: float = 0.2,
+) -> nn.Module:
+    """TIES: trim task vectors to their top entries, elect signs by mass, disjoint mean (Yadav et al. 2023).
+
+    Args:
+        models: models fine-tuned from ``base``.
+        data: unused.
+        base: the pre-trained model (required).
+        scaling: λ; the paper's default without validation data is 1 (the disjoint mean already has the
+            scale of one task vector).
+        density: fraction of entries of each task vector kept, per tensor (the paper's top-k%, default
+            k = 20). The paper ranks over the whole flattened model; per tensor keeps every layer alive.
+
+    Returns:
+        A new model.
+
+    Note:
+        An entry whose kept values sum to exactly zero elects "+"; trimmed entries never vote.
+
+    Example:
+        >>> from torch import nn
+        >>> from mergelab.merge import merge
+        >>> base, a, b = nn.Linear(4, 2), nn.Linear(4, 2), nn.Linear(4, 2)
+        >>> m = merge([a, b], method="ties", base=base, density=0.5)
+    """
+    del data
+    config = TaskVectorConfig(scaling=scaling, density=density, sign_election=True, combine="mean")
+    return merge_task_vectors(models, base, config, op="ties")
+
+
+@register_method("dare", paper=DARE_PAPER)
+def dare(
+    models: Sequence[nn.Module],
+    *,
+    data: object = None,
+    base: nn.Module | None = None,
+    scaling: float = 1.0,
+    drop_rate: float = 0.5,
+    combine: Combine = "mean",
+    sign_election: bool = False,
+    seed: int = 0,
+) -> nn.Module:
+    """DARE: drop task-vector entries at random, rescale survivors by 1/(1−p), then combine (Yu et al. 2024).
+
+    Args:
+        models: models fine-tuned from ``base``.
+        data: unused.
+        base: the pre-trained model (required).
+        scaling: λ.
+        drop_rate: p, the probability of dropping each entry. The paper drops 90% or more of LLM fine-tuning
+            deltas, which are tiny; the default 0.5 is milder because small models fine-tuned for long move
+            further, and the paper reports that DARE breaks down when deltas are large.
+        combine: ``"mean"`` (default: with λ = 1 the expected merge is the uniform average of the fine-tunes)
+            or ``"sum"`` (the paper's DARE + task arithmetic; then choose λ as for task arithmetic).
+        sign_election: TIES-style sign election and disjoint combination after the drop (DARE-TIES).
+        seed: seeds the random drops; the same seed gives the same merge.
+
+    Returns:
+        A new model.
+
+    Example:
+        >>> from torch import nn
+        >>> from mergelab.merge import merge
+        >>> base, a, b = nn.Linear(4, 2), nn.Linear(4, 2), nn.Linear(4, 2)
+        >>> m = merge([a, b], method="dare", base=base, drop_rate=0.3, sign_election=True, seed=1)
+    """
+    del data
+    config = TaskVectorConfig(
+        scaling=scaling, drop_rate=drop_rate, sign_election=sign_election, combine=combine
+    )
+    return merge_task_vectors(models, base, config, seed=seed, op="dare")
