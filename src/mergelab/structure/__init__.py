@@ -1,0 +1,60 @@
+"""Permutation symmetries of networks: discover them with ``torch.fx``, write them by hand, apply them.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from mergelab.structure import discover_structure, permute, random_permutations
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> s = discover_structure(net, torch.zeros(2, 4))
+    >>> print(s)
+    Structure: 1 groups
+      0  (8 units)
+        0.weight[0] (out)
+        0.bias[0] (out)
+        2.weight[1] (in)
+    >>> twin = permute(net, s, random_permutations(s, 0))
+"""
+
+from __future__ import annotations
+
+from mergelab.structure.build import (
+    attention_axes,
+    build_structure,
+    check_structure,
+    conv_axes,
+    linear_axes,
+    norm_axes,
+    param_axis,
+)
+from mergelab.structure.discover import discover_structure, trace
+from mergelab.structure.transform import (
+    check_permutations,
+    identity_permutations,
+    invert_permutation,
+    permute,
+    permute_state_dict,
+    random_permutations,
+)
+from mergelab.structure.types import Axis, Group, Probe, Structure
+
+__all__ = [
+    "Axis",
+    "Group",
+    "Probe",
+    "Structure",
+    "attention_axes",
+    "build_structure",
+    "check_permutations",
+    "check_structure",
+    "conv_axes",
+    "discover_structure",
+    "identity_permutations",
+    "invert_permutation",
+    "linear_axes",
+    "norm_axes",
+    "param_axis",
+    "permute",
+    "permute_state_dict",
+    "random_permutations",
+    "trace",
+]
