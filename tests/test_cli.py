@@ -101,13 +101,21 @@ def test_bad_input_names_the_problem(
     assert needle in capsys.readouterr().err
 
 
-def test_help_everywhere() -> None:
-    for cmd in ([], ["train"], ["eval"], ["merge"], ["interpolate"], ["run"], ["demo"], ["list"]):
-        res = subprocess.run(
-            [sys.executable, "-m", "mergelab.cli", *cmd, "--help"], capture_output=True, text=True
-        )
-        assert res.returncode == 0, res.stderr
-        assert "usage: mergelab" in res.stdout
+@pytest.mark.parametrize(
+    "cmd", [[], ["train"], ["eval"], ["merge"], ["interpolate"], ["run"], ["demo"], ["list"]]
+)
+def test_help_everywhere(cmd: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*cmd, "--help"])
+    assert exc.value.code == 0
+    assert "usage: mergelab" in capsys.readouterr().out
+
+
+def test_console_script_entry_point() -> None:
+    res = subprocess.run([sys.executable, "-m", "mergelab.cli", "list"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    for name in ("weight_matching", "zipit", "ties", "mlp", "lmc"):
+        assert name in res.stdout
 
 
 def test_demo_runs_on_tiny_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,3 +142,42 @@ def test_demo_runs_on_tiny_settings(tmp_path: Path, capsys: pytest.CaptureFixtur
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["metrics"]["table"]) == 4
     assert main(["demo", "--out", str(out), "-q"]) == 2  # never overwritten without --force
+
+
+@pytest.mark.parametrize("method", ["weight_matching", "activation_matching"])
+def test_merge_aligned_with_repair(two_runs: tuple[Path, Path], tmp_path: Path, method: str) -> None:
+    out = tmp_path / method
+    argv = [
+        "merge",
+        str(two_runs[0]),
+        str(two_runs[1]),
+        "--method",
+        method,
+        "--repair",
+        "repair",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    meta = json.loads((out / "config.json").read_text())["metadata"]
+    assert meta["merge"]["options"]["repair"] == "repair"
+    assert 0.0 <= meta["metrics"]["merged"]["accuracy"] <= 1.0
+
+
+def test_interpolate_writes_curve_and_plot(two_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "lmc"
+    argv = [
+        "interpolate",
+        str(two_runs[0]),
+        str(two_runs[1]),
+        "--align",
+        "weight_matching",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    curve = json.loads((out / "curve.json").read_text())
+    assert len(curve["lambdas"]) == 3
+    assert (out / "curve.png").stat().st_size > 1000

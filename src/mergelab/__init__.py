@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 
 # `merge` is imported eagerly: it shares its name with the `mergelab.merge` subpackage, and importing that
 # subpackage later would otherwise rebind `mergelab.merge` to the module.
-from mergelab.merge.registry import list_methods, merge  # noqa: E402
+from mergelab.merge.registry import list_methods as list_methods  # noqa: E402
+from mergelab.merge.registry import merge as merge  # noqa: E402
 
 _EXPORTS: dict[str, str] = {
     "build_model": "mergelab.models",

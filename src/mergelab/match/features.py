@@ -1,0 +1,292 @@
+"""Streamed per-group activation statistics for several models at once.
+
+For every group, the units of all models are concatenated — model 0's ``n`` units, then model 1's, … — and the
+first and second moments of that joint feature vector are accumulated batch by batch: a sum (N·n) and a raw
+moment matrix (N·n × N·n), in float64. Nothing holds a dataset's activations; one batch's features of the models
+are alive at a time. From the sums come means, the joint covariance (ZipIt needs the full joint matrix, within
+and across models) and correlations.
+
+Where the units are read:
+
+* ``Group.probes``: fx node names of :func:`trace_model` ``(model)`` with the units along ``probe.dim``; the
+  samples of all probes of a group are pooled (e.g. every point of a residual stream).
+* no probes: the output of the last module (in ``named_modules`` order, which follows the forward pass for the
+  zoo) that owns an ``"out"`` axis of the group, read with a forward hook — channel dim 1 for conv / norm maps,
+  the last dim for ``Linear`` / ``LayerNorm`` / ``Embedding`` outputs.
+
+Every other dimension is a sample: each spatial position of a conv map and each token counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx, nn
+
+from mergelab.evaluation import split_batch
+from mergelab.structure.types import Group, Structure
+
+__all__ = ["FeatureStats", "collect_features", "trace_model", "unit_dim"]
+
+logger = logging.getLogger(__name__)
+
+# A variance below this fraction of the unit's mean square is treated as zero (a dead or constant unit):
+# E[x²] - E[x]² cancels to round-off there, and dividing by it would give spurious correlations.
+_REL_VAR_EPS = 1e-10
+
+
+def trace_model(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx`` trace of ``model`` with attention modules as leaves; probes name nodes of this graph.
+
+    This is :func:`mergelab.structure.trace` (the graph structure discovery names its probes in). The returned
+    ``GraphModule`` shares the model's submodules and parameters.
+
+    Raises:
+        ValueError: if the model cannot be traced.
+    """
+    from mergelab.structure.discover import trace
+
+    return trace(model)
+
+
+def unit_dim(module: nn.Module) -> int:
+    """The dimension of a module's output that indexes its units (channels / features)."""
+    if isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Bilinear)):
+        return -1
+    return 1
+
+
+def fallback_module(model: nn.Module, group: Group) -> str:
+    """Name of the module whose output shows ``group``'s units when the group has no probes."""
+    module_order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    best: tuple[int, str] | None = None
+    for a in group.axes:
+        if a.role != "out" or a.start != 0 or a.inner != 1:
+            continue
+        path = a.param.rsplit(".", 1)[0] if "." in a.param else ""
+        if path == "" or a.dim != 0:  # only "rows of my output" parameters say where the units come out
+            continue
+        order = module_order[path]
+        if best is None or order > best[0]:
+            best = (order, path)
+    if best is None:
+        raise ValueError(
+            f"collect_features: group {group.name!r} has no probes and no module whose output carries its units "
+            f"(no 'out' axis on dim 0 of a module parameter without inner/start); add probes to the structure"
+        )
+    return best[1]
+
+
+def _flatten_units(t: Tensor, dim: int, n: int, where: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"collect_features: {where} produced {type(t).__name__}, not a tensor")
+    if t.dim() == 0 or t.shape[dim] != n:
+        raise ValueError(
+            f"collect_features: {where} output {tuple(t.shape)} has no {n} units along dim {dim}"
+        )
+    return t.detach().movedim(dim, -1).reshape(-1, n)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a traced graph and hands the outputs of chosen nodes to callbacks."""
+
+    def __init__(self, gm: fx.GraphModule, taps: dict[str, list[Callable[[Tensor], None]]]) -> None:
+        super().__init__(gm)
+        self.taps = taps
+
+    def run_node(self, n: fx.Node) -> object:
+        out = super().run_node(n)
+        for fn in self.taps.get(n.name, ()):
+            fn(out)
+        return out
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Joint first and second moments of every group's units across ``num_models`` models.
+
+    Indices of the joint vector: model ``i``'s unit ``u`` is entry ``i*n + u`` (``n = sizes[group]``).
+
+    Attributes:
+        sizes: units per model of each group.
+        num_models: how many models were observed.
+        counts: samples seen per group (batch × spatial positions × probes).
+        sums: per group, the sum of the joint feature vector (N·n,), float64.
+        moments: per group, the sum of outer products (N·n × N·n), float64.
+    """
+
+    sizes: dict[str, int]
+    num_models: int
+    counts: dict[str, int]
+    sums: dict[str, Tensor]
+    moments: dict[str, Tensor]
+
+    def _slice(self, group: str, model: int | None) -> slice:
+        n = self.sizes[group]
+        if model is None:
+            return slice(0, n * self.num_models)
+        if not 0 <= model < self.num_models:
+            raise ValueError(f"FeatureStats: model {model} out of range for {self.num_models} models")
+        return slice(model * n, (model + 1) * n)
+
+    def _count(self, group: str) -> int:
+        if group not in self.counts:
+            raise KeyError(f"FeatureStats has no group {group!r}; groups: {sorted(self.counts)}")
+        if self.counts[group] == 0:
+            raise ValueError(f"FeatureStats: group {group!r} saw no samples")
+        return self.counts[group]
+
+    def mean(self, group: str, model: int | None = None) -> Tensor:
+        """Mean activation of each unit: joint (N·n,) or one model's (n,)."""
+        c = self._count(group)
+        return self.sums[group][self._slice(group, model)] / c
+
+    def second_moment(self, group: str, a: int | None = None, b: int | None = None) -> Tensor:
+        """``E[x_a x_bᵀ]`` (raw, uncentred), joint when ``a``/``b`` are ``None``."""
+        c = self._count(group)
+        return self.moments[group][self._slice(group, a), self._slice(group, b)] / c
+
+    def cov(self, group: str, a: int | None = None, b: int | None = None) -> Tensor:
+        """Population covariance between model ``a``'s and model ``b``'s units (joint matrix by default).
+
+        ``cov(g)`` is the (N·n × N·n) joint matrix; ``cov(g, 0, 1)`` the (n × n) cross block; ``cov(g, 0)`` the
+        block of model 0 against all models.
+        """
+        ma, mb = self.mean(group, a), self.mean(group, b)
+        return self.second_moment(group, a, b) - torch.outer(ma, mb)
+
+    def var(self, group: str, model: int | None = None) -> Tensor:
+        """Per-unit variance, clamped at zero (round-off below ``1e-10·E[x²]`` counts as zero)."""
+        sl = self._slice(group, model)
+        sq = torch.diagonal(self.moments[group])[sl] / self._count(group)
+        v = sq - self.mean(group, model) ** 2
+        return torch.where(v > _REL_VAR_EPS * sq.abs(), v, torch.zeros_like(v))
+
+    def std(self, group: str, model: int | None = None) -> Tensor:
+        return self.var(group, model).sqrt()
+
+    def corr(self, group: str, a: int | None = None, b: int | None = None) -> Tensor:
+        """Pearson correlation between units; a unit with zero variance correlates 0 with everything (no NaN)."""
+        cov = self.cov(group, a, b)
+        sa, sb = self.std(group, a), self.std(group, b)
+        denom = torch.outer(sa, sb)
+        safe = denom > 0
+        return torch.where(
+            safe, cov / torch.where(safe, denom, torch.ones_like(denom)), torch.zeros_like(cov)
+        )
+
+
+def collect_features(
+    models: Sequence[nn.Module],
+    structure: Structure,
+    data: Iterable,
+    *,
+    max_batches: int | None = None,
+    groups: Sequence[str] | None = None,
+) -> FeatureStats:
+    """Stream ``data`` through every model and accumulate per-group joint activation statistics.
+
+    Args:
+        models: models of one architecture (they share ``structure``).
+        structure: the groups; probes say where units are read (see the module docstring for the fallback).
+        data: iterable of batches ``x`` or ``(x, y)``; every model sees the same batches.
+        max_batches: stop after this many batches.
+        groups: restrict to these groups (default: all).
+
+    Returns:
+        A :class:`FeatureStats`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mergelab.structure.types import Axis, Group, Structure
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> s = Structure((Group("0", 3, (Axis("0.weight", 0, "out"), Axis("2.weight", 1, "in"))),))
+        >>> st = collect_features([net, net], s, [torch.randn(16, 4)])
+        >>> st.cov("0").shape
+        torch.Size([6, 6])
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("collect_features: got no models")
+    chosen = [structure[g] for g in groups] if groups is not None else list(structure)
+    n_models = len(models)
+    sizes = {g.name: g.size for g in chosen}
+    sums = {g.name: torch.zeros(n_models * g.size, dtype=torch.float64) for g in chosen}
+    moments = {g.name: torch.zeros(n_models * g.size, n_models * g.size, dtype=torch.float64) for g in chosen}
+    counts = {g.name: 0 for g in chosen}
+
+    use_graph = any(g.probes for g in chosen)
+    graphs = [trace_model(m) for m in models] if use_graph else [None] * n_models
+    # records[model][group] = list of (samples × n) tensors from this batch, in call order
+    records: list[dict[str, list[Tensor]]] = [{g.name: [] for g in chosen} for _ in models]
+
+    def make_cb(i: int, g: Group, dim: int, where: str) -> Callable[[Tensor], None]:
+        def cb(t: Tensor) -> None:
+            records[i][g.name].append(_flatten_units(t, dim, g.size, where).double().cpu())
+
+        return cb
+
+    handles = []
+    taps: list[dict[str, list[Callable[[Tensor], None]]]] = [{} for _ in models]
+    modes = [[(m, m.training) for m in model.modules()] for model in models]
+    try:
+        for i, model in enumerate(models):
+            for g in chosen:
+                if g.probes:
+                    for p in g.probes:
+                        taps[i].setdefault(p.node, []).append(
+                            make_cb(i, g, p.dim, f"probe {p.node!r} of {g.name!r}")
+                        )
+                else:
+                    name = fallback_module(model, g)
+                    mod = model.get_submodule(name)
+                    cb = make_cb(i, g, unit_dim(mod), f"module {name!r} (group {g.name!r})")
+                    handles.append(mod.register_forward_hook(lambda _m, _inp, out, cb=cb: cb(out)))
+            if use_graph:
+                gm = graphs[i]
+                assert gm is not None
+                known = {n.name for n in gm.graph.nodes}
+                missing = sorted(set(taps[i]) - known)
+                if missing:
+                    raise ValueError(f"collect_features: probe nodes {missing} are not in the traced graph")
+            model.eval()
+        with torch.no_grad():
+            for b, batch in enumerate(data):
+                if max_batches is not None and b >= max_batches:
+                    break
+                x, _ = split_batch(batch)
+                for i, model in enumerate(models):
+                    dev = next((p.device for p in model.parameters()), x.device)
+                    if use_graph:
+                        _Recorder(graphs[i], taps[i]).run(x.to(dev))  # type: ignore[arg-type]
+                    else:
+                        model(x.to(dev))
+                for g in chosen:
+                    calls = [records[i][g.name] for i in range(n_models)]
+                    if len({len(c) for c in calls}) != 1:
+                        raise ValueError(
+                            f"collect_features: group {g.name!r} was observed {[len(c) for c in calls]} times in "
+                            f"the models' forward passes; the architectures differ"
+                        )
+                    for parts in zip(*calls, strict=True):
+                        joint = torch.cat(parts, dim=1)  # (samples, N*n)
+                        sums[g.name] += joint.sum(0)
+                        moments[g.name] += joint.T @ joint
+                        counts[g.name] += joint.shape[0]
+                    for c in calls:
+                        c.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        for mm in modes:
+            for m, was_training in mm:
+                m.train(was_training)
+    empty = [g for g, c in counts.items() if c == 0]
+    if empty:
+        raise ValueError(f"collect_features: no samples for groups {empty} (empty data?)")
+    logger.debug("collect_features: %d groups, samples %s", len(chosen), counts)
+    return FeatureStats(sizes, n_models, counts, sums, moments)
