@@ -1,0 +1,407 @@
+"""Study ``multitask``: merging models trained on *different* tasks without training — ZipIt! and MuDSC.
+
+Each dataset is cut into two tasks (classes ``< split`` and ``>= split``; digits 0–4 / 5–9). For every seed pair,
+one model is trained per task, then merged several ways and evaluated on the test split with global labels:
+
+* ``ensemble``: both models side by side, logits concatenated — the upper reference (two networks' cost);
+* ``weight average``, ``weight matching``, ``activation matching``: identity / Git Re-Basin permutations;
+* ``zipit`` (full) and ``zipit partial`` (first ``partial`` groups merged, the rest kept per task);
+* ``mudsc align`` and ``mudsc zip``: dual-space similarity, ``alpha`` chosen on held-out training data.
+
+Two head set-ups: ``concat`` (each model keeps its own head; the merge is a multi-head model whose logits are
+concatenated) and ``embedding`` (ZipIt's set-up: every model projects onto a frozen random orthonormal class-
+embedding matrix, so heads share an output space and merge like any tensor). Metrics (``analysis.tasks``): joint
+accuracy (argmax over both tasks' classes), per-task accuracy (argmax within the task), and per-task accuracy
+normalised by each source model on its own task. Also: the MuDSC ``alpha`` sweep and, for the first seed pair of
+the ``concat`` set-up, the loss landscape on the plane through both endpoints and the MuDSC merge.
+
+Training and merging run as independent jobs through ``executor.map`` (locally or on Ray).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mergelab.experiments.runner import Executor, register_study
+from mergelab.report import Report, mean_std
+
+log = logging.getLogger(__name__)
+
+# MuDSC's grid is 0.1, 0.2, …, 0.9 (the ``mudsc`` method's default); every other point keeps the study in minutes.
+_ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
+_HOLDOUT_SEED = 12345  # the held-out slice of the training split is the same for every model and seed
+
+
+@dataclass(frozen=True)
+class MultitaskConfig:
+    """Settings of the ``multitask`` study; the defaults run in minutes on 2 CPU cores."""
+
+    datasets: tuple[str, ...] = ("digits", "mnist1d")
+    arch: str = "mlp"
+    widths: tuple[int, ...] = (512,)  # the zoo's width option; one full run per width
+    depth: int = 3  # hidden layers (mlp / cnn only)
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 64
+    seeds: tuple[int, ...] = (0, 1, 2)  # seed pair s: task A model init 1000·s, task B model 1000·s + 1
+    split: int = 5  # task A = classes [0, split), task B = [split, num_classes)
+    heads: tuple[str, ...] = ("concat", "embedding")
+    embed_dim: int = 32  # class-embedding dimension (>= number of classes)
+    holdout: float = 0.15  # fraction of the training split held out for choosing MuDSC's alpha
+    zip_alpha: float = 0.5  # ZipIt's alpha and beta (also MuDSC's zip mode, as in its paper)
+    zip_beta: float = 1.0
+    partial: int = 2  # groups merged by "zipit partial"
+    alphas: tuple[float, ...] = _ALPHAS  # MuDSC's alpha candidates (and the sweep)
+    max_iter: int = 10  # MuDSC coordinate-descent passes
+    landscape_steps: int = 15  # grid per axis of the loss-landscape plane; 0 = skip
+    stats_batches: int = 0  # batches of 256 for activation statistics; 0 = the whole fit split
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+def _task_data(dataset: str, split: int, holdout: float) -> tuple[Any, TensorDataset, TensorDataset, tuple]:
+    """The dataset, its fit / held-out parts of the training split (global labels), and the two class groups."""
+    from mergelab.data import load_dataset
+
+    data = load_dataset(dataset)
+    if not 0 < split < data.num_classes:
+        raise ValueError(f"multitask: split={split} must be in (0, {data.num_classes}) for {dataset!r}")
+    if not 0.0 < holdout < 0.5:
+        raise ValueError(f"multitask: holdout={holdout} must be in (0, 0.5)")
+    x, y = data.train.tensors[:2]
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(_HOLDOUT_SEED))
+    n_hold = max(1, int(round(holdout * len(x))))
+    hold = TensorDataset(x[perm[:n_hold]], y[perm[:n_hold]])
+    fit = TensorDataset(x[perm[n_hold:]], y[perm[n_hold:]])
+    groups = (tuple(range(split)), tuple(range(split, data.num_classes)))
+    return data, fit, hold, groups
+
+
+def _model_kwargs(arch: str, width: int, depth: int) -> dict[str, Any]:
+    return {"width": width, "depth": depth} if arch in ("mlp", "cnn") else {"width": width}
+
+
+def _build(
+    job: dict[str, Any], input_shape: tuple[int, ...], num_classes: int, classes: tuple[int, ...]
+) -> nn.Module:
+    """A fresh model for one task: own head (``concat``) or projection onto fixed class vectors (``embedding``)."""
+    from mergelab.merge.partial import ClassEmbeddingModel, class_embeddings
+    from mergelab.models import build_model
+
+    torch.manual_seed(job["init_seed"])
+    kwargs = _model_kwargs(job["arch"], job["width"], job["depth"])
+    if job["heads"] == "concat":
+        return build_model(job["arch"], input_shape, len(classes), **kwargs)
+    if job["heads"] == "embedding":
+        net = build_model(job["arch"], input_shape, job["embed_dim"], **kwargs)
+        table = class_embeddings(num_classes, job["embed_dim"], seed=0)
+        return ClassEmbeddingModel(net, table[list(classes)])
+    raise ValueError(f"multitask: unknown heads {job['heads']!r}; choose 'concat' or 'embedding'")
+
+
+def train_task_model(job: dict[str, Any]) -> dict[str, Any]:
+    """One training job (top-level so Ray can ship it): one model on one task; returns its state dict."""
+    from mergelab.data import split_classes
+    from mergelab.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    data, fit, _, groups = _task_data(job["dataset"], job["split"], job["holdout"])
+    classes = groups[job["task"]]
+    task_ds = split_classes(fit, [classes])[0]  # labels 0..len(classes)-1
+    model = _build(job, data.input_shape, data.num_classes, classes)
+    cfg = TrainConfig(
+        epochs=job["epochs"],
+        lr=job["lr"],
+        batch_size=job["batch_size"],
+        data_seed=job["init_seed"],
+        progress=False,
+    )
+    history = train(model, task_ds, cfg)
+    return {**{k: job[k] for k in ("dataset", "width", "heads", "seed", "task")}, "state_dict": model.state_dict(),
+            "train_accuracy": history.final["train_accuracy"]}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------- merging
+
+
+class _SideBySide(nn.Module):
+    """The models' logits concatenated: the output ensemble of models of disjoint tasks."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(models)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([m(x) for m in self.members], dim=-1)
+
+
+def merge_pair(job: dict[str, Any]) -> dict[str, Any]:
+    """One merge job: every method on one seed pair; returns table rows, the alpha sweep and the landscape."""
+    from mergelab.analysis.landscape import endpoint_alignment, loss_plane
+    from mergelab.analysis.tasks import TaskSet, evaluate_multitask
+    from mergelab.match.features import collect_features
+    from mergelab.match.solvers import match_activations, match_weights_many
+    from mergelab.match.zip import mudsc_alignment, zip_alignment
+    from mergelab.merge.alignment import identity_alignment
+    from mergelab.merge.partial import ClassEmbeddingModel, build_multihead, class_embeddings
+    from mergelab.merge.zipit import build_merged, head_params
+    from mergelab.structure import discover_structure
+
+    torch.set_num_threads(1)
+    data, fit, hold, groups = _task_data(job["dataset"], job["split"], job["holdout"])
+    tasks = TaskSet(groups, ("A", "B"))
+    models = []
+    for t, sd in enumerate(job["state_dicts"]):
+        m = _build({**job, "init_seed": 0}, data.input_shape, data.num_classes, groups[t])
+        m.load_state_dict(sd)
+        m.eval()
+        models.append(m)
+    embedding = job["heads"] == "embedding"
+    nets = [m.net for m in models] if embedding else models
+    union = DataLoader(fit, batch_size=256)  # both tasks' training inputs: what the activation statistics see
+    hold_loader = DataLoader(hold, batch_size=512)
+    test_loader = DataLoader(data.test, batch_size=512)
+    structure = discover_structure(nets[0], fit.tensors[0][:2])
+    stats = collect_features(nets, structure, union, max_batches=job["stats_batches"] or None)
+    exclude = () if embedding else head_params(structure, nets[0])
+    table = class_embeddings(data.num_classes, job["embed_dim"], seed=0)[list(tasks.output_classes)]
+
+    def finish(al: Any, partial: int | None = None) -> nn.Module:
+        if embedding:
+            return ClassEmbeddingModel(build_merged(nets, al, heads="merge", partial=partial), table)
+        return build_merged(nets, al, heads="concat", partial=partial)
+
+    rows: list[dict[str, Any]] = []
+    ensemble = _SideBySide(models)
+    reference = evaluate_multitask(ensemble, test_loader, tasks).task_accuracy  # each model on its own task
+
+    def record(method: str, model: nn.Module, **extra: Any) -> None:
+        m = evaluate_multitask(model, test_loader, tasks)
+        norm = m.normalized(reference)
+        rows.append({"method": method, "joint": m.joint_accuracy, "task_A": m.task_accuracy[0],
+                     "task_B": m.task_accuracy[1], "normalized": sum(norm) / len(norm), "loss_A": m.task_loss[0],
+                     "loss_B": m.task_loss[1], **extra})  # fmt: skip
+
+    record("ensemble", ensemble)  # normalised accuracy 1 by construction; its joint accuracy is the reference
+    record("weight average", finish(identity_alignment(structure, 2)))
+    record("weight matching", finish(match_weights_many(structure, nets, seed=job["seed"])))
+    al_am = match_activations(structure, nets, stats=stats)
+    record("activation matching", finish(al_am))
+    al_zip = zip_alignment(structure, nets, stats=stats, alpha=job["zip_alpha"], beta=job["zip_beta"])
+    record("zipit", finish(al_zip))
+    record(f"zipit partial (L={job['partial']})", finish(al_zip, job["partial"]))
+    sweep: list[dict[str, Any]] = []
+    chosen: dict[str, Any] = {}
+    for mode in ("align", "zip"):
+        best: tuple[float, float, Any] | None = None
+        for a in job["alphas"]:
+            al = mudsc_alignment(structure, nets, stats=stats, alpha=float(a), mode=mode, zip_alpha=job["zip_alpha"],
+                                 zip_beta=job["zip_beta"], exclude=exclude, max_iter=job["max_iter"], seed=job["seed"])  # fmt: skip
+            merged = finish(al)
+            held = evaluate_multitask(merged, hold_loader, tasks).joint_accuracy
+            test = evaluate_multitask(merged, test_loader, tasks).joint_accuracy
+            sweep.append({"mode": mode, "alpha": float(a), "holdout_joint": held, "test_joint": test,
+                          "passes": al.info["passes"], "converged": al.info["converged"]})  # fmt: skip
+            if best is None or held > best[0]:
+                best = (held, float(a), al)
+        assert best is not None
+        chosen[mode] = best[2]
+        record(f"mudsc {mode}", finish(best[2]), alpha=best[1])
+    landscape = None
+    if job["landscape_steps"] and not embedding:
+        names = [g.name for g in structure]
+        points = {
+            "A": build_multihead(nets, endpoint_alignment(al_am, 0), names),
+            "B (aligned)": build_multihead(nets, endpoint_alignment(al_am, 1), names),
+            "MuDSC zip": build_multihead(nets, chosen["zip"], names),
+        }
+        marks = {
+            "act. matching": build_multihead(nets, al_am, names),
+            "ZipIt": build_multihead(nets, al_zip, names),
+        }
+        whole_test = DataLoader(data.test, batch_size=1024)
+
+        def losses(model: nn.Module) -> dict[str, float]:
+            m = evaluate_multitask(model, whole_test, tasks)
+            return {
+                "task A loss": m.task_loss[0],
+                "task B loss": m.task_loss[1],
+                "mean loss": sum(m.task_loss) / 2,
+            }
+
+        plane = loss_plane(
+            points["A"], {k: v.state_dict() for k, v in points.items()}, losses,
+            marks={k: v.state_dict() for k, v in marks.items()}, steps=job["landscape_steps"],
+        )  # fmt: skip
+        landscape = plane.to_dict()
+    return {k: job[k] for k in ("dataset", "width", "heads", "seed")} | {
+        "rows": rows,
+        "sweep": sweep,
+        "landscape": landscape,
+        "reference": list(reference),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- the study
+
+
+@register_study("multitask", MultitaskConfig)
+def multitask(cfg: MultitaskConfig, out: Path, executor: Executor) -> Report:
+    """Merge models of different tasks (digits 0–4 / 5–9 …): ZipIt!, MuDSC and permutation baselines vs the ensemble."""
+    report = Report(out, "Merging models trained on different tasks: ZipIt! and MuDSC", config=vars(cfg))
+    for h in cfg.heads:
+        if h not in ("concat", "embedding"):
+            raise ValueError(f"multitask: unknown heads {h!r}; choose 'concat' or 'embedding'")
+    base = {"arch": cfg.arch, "depth": cfg.depth, "split": cfg.split, "holdout": cfg.holdout,
+            "embed_dim": cfg.embed_dim}  # fmt: skip
+    setups = [(d, w, h) for d in cfg.datasets for w in cfg.widths for h in cfg.heads]
+    train_jobs = [
+        {
+            **base,
+            "dataset": d,
+            "width": w,
+            "heads": h,
+            "seed": s,
+            "task": t,
+            "init_seed": 1000 * s + t,
+            "epochs": cfg.epochs,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+        }  # fmt: skip
+        for d, w, h in setups
+        for s in cfg.seeds
+        for t in (0, 1)
+    ]
+    trained = executor.map(train_task_model, train_jobs, desc="train task models")
+    by_key = {(r["dataset"], r["width"], r["heads"], r["seed"], r["task"]): r for r in trained}
+    merge_jobs = [
+        {
+            **base,
+            "dataset": d,
+            "width": w,
+            "heads": h,
+            "seed": s,
+            "state_dicts": [by_key[(d, w, h, s, t)]["state_dict"] for t in (0, 1)],
+            "zip_alpha": cfg.zip_alpha,
+            "zip_beta": cfg.zip_beta,
+            "partial": cfg.partial,
+            "alphas": tuple(cfg.alphas),
+            "max_iter": cfg.max_iter,
+            "stats_batches": cfg.stats_batches,
+            "landscape_steps": cfg.landscape_steps if s == cfg.seeds[0] else 0,
+        }  # fmt: skip
+        for d, w, h in setups
+        for s in cfg.seeds
+    ]
+    results = executor.map(merge_pair, merge_jobs, desc="merge seed pairs")
+    report.metrics["train_accuracy"] = [{k: v for k, v in r.items() if k != "state_dict"} for r in trained]
+    report.metrics["results"] = [{k: v for k, v in r.items() if k != "landscape"} for r in results]
+    _write_report(report, cfg, results, out)
+    return report
+
+
+def _summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    methods = list(dict.fromkeys(row["method"] for r in results for row in r["rows"]))
+    ens = [row["joint"] for r in results for row in r["rows"] if row["method"] == "ensemble"]
+    out = []
+    for m in methods:
+        rows = [row for r in results for row in r["rows"] if row["method"] == m]
+        joint = [row["joint"] for row in rows]
+        entry = {
+            "method": m,
+            "joint accuracy": mean_std(joint),
+            "task A": mean_std([row["task_A"] for row in rows]),
+            "task B": mean_std([row["task_B"] for row in rows]),
+            "normalised": mean_std([row["normalized"] for row in rows]),
+            "joint / ensemble": float(np.mean(joint) / np.mean(ens)) if ens else float("nan"),
+            "alpha": ", ".join(f"{row['alpha']:.1f}" for row in rows if "alpha" in row) or "",
+        }
+        out.append(entry)
+    return out
+
+
+def _write_report(report: Report, cfg: MultitaskConfig, results: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report.text(
+        "Two models are trained on disjoint halves of the classes (task A: classes below "
+        f"{cfg.split}, task B: the rest) from different seeds, then merged without any training. *Joint* accuracy "
+        "takes the argmax over both tasks' classes (the merged model must also recognise the task); *per-task* "
+        "accuracy the argmax within the sample's own task; *normalised* divides per-task accuracy by the source "
+        "model's accuracy on its task (mean of the two). The *ensemble* runs both models side by side (two "
+        "networks' cost) and is the upper reference. `concat` heads: each model keeps its own head and the merge "
+        "outputs both heads' logits; `embedding` heads: every model projects onto fixed orthonormal class vectors, "
+        f"so the heads merge too. Mean ± std over {len(cfg.seeds)} seed pairs; MuDSC's alpha is chosen on "
+        f"{cfg.holdout:.0%} of the training split held out from training (chosen values listed)."
+    )
+    setups = list(dict.fromkeys((r["dataset"], r["width"], r["heads"]) for r in results))
+    cols = ["method", "joint accuracy", "task A", "task B", "normalised", "joint / ensemble", "alpha"]
+    summaries: dict[str, Any] = {}
+    for d, w, h in setups:
+        res = [r for r in results if (r["dataset"], r["width"], r["heads"]) == (d, w, h)]
+        tag = f"{d}-w{w}-{h}"
+        report.heading(f"{d}, {cfg.arch} width {w}, {h} heads")
+        summary = _summary(res)
+        summaries[tag] = summary
+        report.table(summary, cols)
+        by = {s["method"]: s for s in summary}
+        if "zipit" in by and "ensemble" in by and "mudsc zip" in by:
+            z, mz = by["zipit"]["joint accuracy"][0], by["mudsc zip"]["joint accuracy"][0]
+            report.text(
+                f"Goals: ZipIt reaches {by['zipit']['joint / ensemble']:.1%} of the ensemble's joint accuracy "
+                f"(goal ≥ 85 %: {'met' if by['zipit']['joint / ensemble'] >= 0.85 else 'not met'}); MuDSC zip "
+                f"{'≥' if mz >= z else '<'} ZipIt on the mean ({mz:.4f} vs {z:.4f})."
+            )
+        sweep = [s for r in res for s in r["sweep"]]
+        if sweep:
+            fig, ax = plt.subplots(figsize=(5.5, 4))
+            for mode, color in (("align", "tab:blue"), ("zip", "tab:orange")):
+                xs = sorted({s["alpha"] for s in sweep if s["mode"] == mode})
+                ms = [
+                    mean_std([s["test_joint"] for s in sweep if s["mode"] == mode and s["alpha"] == a])
+                    for a in xs
+                ]
+                ax.errorbar(xs, [m for m, _ in ms], yerr=[e for _, e in ms], marker="o", color=color,
+                            label=f"MuDSC {mode}", capsize=3)  # fmt: skip
+            for name, style in (("ensemble", "k--"), ("zipit", "g:"), ("activation matching", "r:")):
+                if name in by:
+                    ax.axhline(by[name]["joint accuracy"][0], linestyle=style[1:], color=style[0], label=name)
+            ax.set(xlabel="alpha (weight-space share of the similarity)", ylabel="test joint accuracy",
+                   title=f"{d}, {h} heads: alpha sweep")  # fmt: skip
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = out / f"alpha_sweep_{tag}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            report.figure(
+                path, f"MuDSC alpha sweep on {d} ({h} heads): test joint accuracy, mean ± std over seeds"
+            )
+        for r in res:
+            if r.get("landscape"):
+                from mergelab.analysis.landscape import PlaneResult, plot_plane
+
+                ld = r["landscape"]
+                plane = PlaneResult(tuple(ld["xs"]), tuple(ld["ys"]), ld["grids"],
+                                    {k: tuple(v) for k, v in ld["points"].items()}, ld["distances"])  # fmt: skip
+                path = plot_plane(plane, out / f"landscape_{tag}.png")
+                dist = ", ".join(f"{k}: {v:.2f}" for k, v in plane.distances.items() if v > 1e-6)
+                report.figure(
+                    path,
+                    f"Test loss of task A, task B and their mean on the plane through endpoint A, endpoint B "
+                    f"(aligned to A by activation matching) and the MuDSC zip merge (seed pair {r['seed']}); "
+                    f"crosses are projections of other merges (distance from the plane: {dist or 'none'})",
+                )
+                report.metrics.setdefault("landscape", {})[tag] = ld
+    report.metrics["summary"] = summaries
