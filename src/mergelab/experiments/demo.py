@@ -31,7 +31,14 @@ class DemoConfig:
     epochs: int = 30
     lr: float = 1e-3
     seeds: tuple[int, ...] = (0, 1)
-    methods: tuple[str, ...] = ("average", "weight_matching", "activation_matching")
+    # "METHOD+repair" / "METHOD+reset" add REPAIR / a BatchNorm reset after the merge
+    methods: tuple[str, ...] = (
+        "average",
+        "weight_matching",
+        "weight_matching+repair",
+        "activation_matching",
+        "zipit",
+    )
     interpolation_steps: int = 11
 
 
@@ -101,8 +108,10 @@ def demo(cfg: DemoConfig, out: Path, executor: Executor) -> Report:
     )
     merged_models = {}
     for method in cfg.methods:
+        name, _, fix = method.partition("+")
+        options = {"repair": fix} if fix else {}
         try:
-            merged = merge(models, method=method, data=train_loader)
+            merged = merge(models, method=name, data=train_loader, **options)
         except ValueError as e:
             log.warning("demo: method %s failed: %s", method, e)
             rows.append(
@@ -148,7 +157,7 @@ def _interpolation_section(
 
     curves = {"naive": interpolate(a, b, train_loader, steps=cfg.interpolation_steps, test_data=test_loader)}
     for method in ("weight_matching", "activation_matching"):
-        if method in cfg.methods:
+        if method in cfg.methods or f"{method}+repair" in cfg.methods:
             curves[method] = interpolate(
                 a,
                 align_to(a, b, method=method, data=train_loader),
