@@ -181,3 +181,63 @@ def test_interpolate_writes_curve_and_plot(two_runs: tuple[Path, Path], tmp_path
     curve = json.loads((out / "curve.json").read_text())
     assert len(curve["lambdas"]) == 3
     assert (out / "curve.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--late-phase", "bn", "--k", "2", "--t0", "1"],
+        ["--late-phase", "rank1", "--k", "2", "--t0", "1", "--swa"],
+        ["--swa", "--swa-start", "1"],
+    ],
+    ids=["late-phase-bn", "late-phase-rank1-swa", "swa"],
+)
+def test_train_late_phase_and_swa(extra: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "lp"
+    argv = [
+        "train",
+        "--arch",
+        "resnet",
+        "--model-arg",
+        "depth=8",
+        "--data",
+        "digits",
+        "--epochs",
+        "2",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--out",
+        str(out),
+        "-q",
+        *extra,
+    ]
+    assert main(argv) == 0
+    meta = json.loads((out / "config.json").read_text())["metadata"]
+    assert ("late_phase" in meta) == ("--late-phase" in extra)
+    from mergelab.io import load
+
+    model = load(out)  # the averaged model is a plain zoo model
+    assert model.head.out_features == 10
+
+
+def test_late_phase_bad_options_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "train",
+        "--arch",
+        "mlp",
+        "--data",
+        "digits",
+        "--epochs",
+        "2",
+        "--late-phase",
+        "bn",
+        "--k",
+        "2",
+        "--out",
+        str(tmp_path / "x"),
+        "-q",
+    ]
+    assert main(argv) == 2  # an MLP without norm layers has nothing for `bn` to keep per member
+    assert "norm" in capsys.readouterr().err.lower()

@@ -20,6 +20,10 @@ __version__ = "0.1.0"
 from mergelab.merge.registry import list_methods as list_methods  # noqa: E402
 from mergelab.merge.registry import merge as merge  # noqa: E402
 
+# Same for `train` and the `mergelab.train` subpackage.
+from mergelab.train.trainer import TrainConfig as TrainConfig  # noqa: E402
+from mergelab.train.trainer import train as train  # noqa: E402
+
 _EXPORTS: dict[str, str] = {
     "build_model": "mergelab.models",
     "list_models": "mergelab.models",
@@ -27,15 +31,13 @@ _EXPORTS: dict[str, str] = {
     "split_classes": "mergelab.data",
     "save": "mergelab.io",
     "load": "mergelab.io",
-    "train": "mergelab.train",
-    "TrainConfig": "mergelab.train",
     "discover_structure": "mergelab.structure",
     "permute": "mergelab.structure",
     "interpolate": "mergelab.analysis.interpolate",
     "Structure": "mergelab.structure.types",
 }
 
-__all__ = sorted([*_EXPORTS, "merge", "list_methods"])
+__all__ = sorted([*_EXPORTS, "merge", "list_methods", "train", "TrainConfig"])
 
 
 def __getattr__(name: str) -> Any:

@@ -90,10 +90,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             t0=args.t0,
             noise=args.late_phase_noise,
             swa=args.swa,
+            swa_start=args.swa_start,
+            swa_lr=args.swa_lr,
             test_data=data.test,
         )
         model, history = result.model, result.history
         extra["late_phase"] = {"variant": args.late_phase, "k": args.k, "t0": args.t0, "swa": args.swa}
+    elif args.swa:
+        from mergelab.train.swa import train_swa
+
+        swa = train_swa(
+            model, data.train, cfg, swa_start=args.swa_start, swa_lr=args.swa_lr, test_data=data.test
+        )
+        model, history = swa.model, swa.history
+        extra["swa"] = {"swa_start": args.swa_start, "swa_lr": args.swa_lr, "n_averaged": swa.n_averaged}
     else:
         history = train(model, data.train, cfg, test_data=data.test)
     from mergelab.evaluation import evaluate
@@ -296,9 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--late-phase", choices=["bn", "rank1"], default=None, help="late-phase weights variant")
     p.add_argument("--k", type=int, default=10, help="late-phase ensemble size K")
-    p.add_argument("--t0", type=int, default=None, help="epoch at which the late phase starts")
-    p.add_argument("--late-phase-noise", type=float, default=0.0, help="member initialisation noise")
-    p.add_argument("--swa", action="store_true", help="add stochastic weight averaging")
+    p.add_argument(
+        "--t0", type=int, default=None, help="epoch at which the late phase starts (default 60 %%)"
+    )
+    p.add_argument(
+        "--late-phase-noise",
+        type=float,
+        default=None,
+        help="member initialisation noise (default 0 for bn, 0.1 for rank1)",
+    )
+    p.add_argument("--swa", action="store_true", help="stochastic weight averaging (alone or on late-phase)")
+    p.add_argument("--swa-start", type=int, default=None, help="first averaged epoch (default 75 %%)")
+    p.add_argument(
+        "--swa-lr", type=float, default=None, help="constant SWA learning rate (default: keep schedule)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing --out folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
