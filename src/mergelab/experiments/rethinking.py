@@ -150,7 +150,7 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     Example:
         >>> lo, hi = wilson_interval(430, 450)
         >>> round(lo, 3), round(hi, 3)
-        (0.932, 0.97)
+        (0.932, 0.971)
     """
     if n <= 0:
         return math.nan, math.nan

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from mergelab.evaluation import evaluate
@@ -86,7 +87,8 @@ def align_models(
         models: models of one architecture.
         reference: index of the model whose basis the others are mapped into; it is returned unchanged.
         method: an alignment merge method (``weight_matching``, ``activation_matching``, ...).
-        data: loader for data-driven methods; also lets methods that trace the model find an example input.
+        data: loader for data-driven methods; also gives methods that trace the model an example input
+            (without it, a zero batch of ``models[0].input_shape`` is used when the model records one).
 
     Returns:
         A new list; entry ``reference`` is the reference itself, the others are aligned copies.
@@ -96,11 +98,12 @@ def align_models(
             ``coefficients``. Other errors (a model the method cannot handle) propagate.
 
     Example:
-        >>> from torch import nn
-        >>> try:
-        ...     _ = align_models([nn.Linear(2, 2), nn.Linear(2, 2)])
-        ... except AlignmentUnavailable as e:
-        ...     pass  # before the weight_matching method exists
+        >>> import torch
+        >>> from mergelab.models import build_model
+        >>> a, b = (build_model("mlp", (1, 8, 8), 10, width=8, depth=1) for _ in range(2))
+        >>> aligned = align_models([a, b])  # zoo models know their input shape, so no data is needed
+        >>> aligned[0] is a, aligned[1] is b
+        (True, False)
     """
     from mergelab.merge.registry import get_method, merge
 
@@ -117,6 +120,9 @@ def align_models(
     if info.needs_data and data is None:
         raise AlignmentUnavailable(f"align_models: merge method {method!r} needs data=")
     ref = models[reference]
+    shape = getattr(ref, "input_shape", None)
+    if data is None and not info.needs_data and shape is not None:
+        data = [torch.zeros(2, *shape)]  # only to trace the model; a data-free method reads no values
     out: list[nn.Module] = []
     for i, m in enumerate(models):
         if i == reference:
