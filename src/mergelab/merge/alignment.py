@@ -311,6 +311,22 @@ def _check_structure(
     return axes
 
 
+def tensor_ops(
+    items: Sequence[tuple[Group, Axis]], alignment: Alignment, i: int
+) -> list[tuple[Axis, Tensor]]:
+    """The matrices that bring model ``i``'s tensor into the merged basis: its first ``"out"`` axis through
+    ``M_i`` (which carries the averaging weights), every other axis through ``U_iᵀ``."""
+    ops: list[tuple[Axis, Tensor]] = []
+    used_merge = False
+    for g, a in items:
+        if a.role == "out" and not used_merge:
+            ops.append((a, alignment.merges[g.name][i]))
+            used_merge = True
+        else:
+            ops.append((a, alignment.unmerges[g.name][i].T))
+    return ops
+
+
 def merge_state_dicts(state_dicts: Sequence[Mapping[str, Tensor]], alignment: Alignment) -> dict[str, Tensor]:
     """``Σ_i T_i(W_i)`` for every tensor (see the module docstring); the merged width may differ (k ≠ n).
 
@@ -341,15 +357,7 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, Tensor]], alignment: Al
                 if alignment.perms is not None:
                     t = permute_tensor(w, [(a, alignment.perms[i][g.name]) for g, a in items]) * coefs[i]
                 else:
-                    ops: list[tuple[Axis, Tensor]] = []
-                    used_merge = False
-                    for g, a in items:
-                        if a.role == "out" and not used_merge:
-                            ops.append((a, alignment.merges[g.name][i]))
-                            used_merge = True
-                        else:
-                            ops.append((a, alignment.unmerges[g.name][i].T))
-                    t = transform_tensor(w, ops)
+                    t = transform_tensor(w, tensor_ops(items, alignment, i))
                     if not has_out:
                         t = t * coefs[i]
                 total = t if total is None else total + t

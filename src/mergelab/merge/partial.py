@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from mergelab.match.features import trace_model
-from mergelab.merge.alignment import Alignment, transform_tensor
+from mergelab.merge.alignment import Alignment, tensor_ops, transform_tensor
 from mergelab.structure.types import Axis, Group, Structure
 
 __all__ = [
@@ -177,14 +177,7 @@ def _merged_value(tensors: Sequence[Tensor], items: Sequence[tuple[Group, Axis]]
     """``Σ_i T_i(W_i)`` for one tensor with an ``"out"`` axis (first out axis through ``M_i``, the rest ``U_iᵀ``)."""
     total: Tensor | None = None
     for i, w in enumerate(tensors):
-        ops, used = [], False
-        for g, a in items:
-            if a.role == "out" and not used:
-                ops.append((a, al.merges[g.name][i]))
-                used = True
-            else:
-                ops.append((a, al.unmerges[g.name][i].T))
-        t = transform_tensor(w, ops)
+        t = transform_tensor(w, tensor_ops(items, al, i))
         total = t if total is None else total + t
     assert total is not None
     return total
