@@ -34,6 +34,19 @@ def _load_data(args: argparse.Namespace) -> Any:
     return load_dataset(args.data, **kwargs)
 
 
+def _data_from_checkpoint(args: argparse.Namespace, checkpoint: str, required: bool = True) -> None:
+    """Without ``--data``, use the dataset recorded in the checkpoint's config (so ``eval CKPT`` just works)."""
+    if args.data is not None:
+        return
+    from mergelab.io import read_config
+
+    ds = (read_config(checkpoint).get("metadata") or {}).get("dataset") or {}
+    if ds:
+        args.data, args.data_seed, args.data_root = ds["name"], ds.get("seed", 0), ds.get("root")
+    elif required:
+        raise ValueError(f"{checkpoint}: no dataset recorded in the checkpoint; pass --data")
+
+
 def _loader(dataset: Any, batch_size: int = 256, shuffle: bool = False) -> Any:
     from torch.utils.data import DataLoader
 
@@ -125,13 +138,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     from mergelab.evaluation import evaluate
-    from mergelab.io import load, read_config
+    from mergelab.io import load
 
-    if args.data is None:
-        ds = read_config(args.checkpoint).get("metadata", {}).get("dataset", {})
-        if not ds:
-            raise ValueError(f"{args.checkpoint}: no dataset recorded; pass --data")
-        args.data, args.data_seed, args.data_root = ds["name"], ds.get("seed", 0), ds.get("root")
+    _data_from_checkpoint(args, args.checkpoint)
     data = _load_data(args)
     model = load(args.checkpoint)
     rows = {}
@@ -147,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------- merge
 def cmd_merge(args: argparse.Namespace) -> int:
     from mergelab.evaluation import evaluate
-    from mergelab.io import load, prepare_run_dir, read_config, save
+    from mergelab.io import load, prepare_run_dir, save
     from mergelab.merge import get_method, merge
 
     info = get_method(args.method)
@@ -161,10 +170,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.repair:
         options["repair"] = args.repair
     data = None
-    if args.data is None:
-        ds = read_config(args.checkpoints[0]).get("metadata", {}).get("dataset", {})
-        if ds:
-            args.data, args.data_seed, args.data_root = ds["name"], ds.get("seed", 0), ds.get("root")
+    _data_from_checkpoint(args, args.checkpoints[0], required=False)
     splits = _load_data(args) if args.data else None
     if splits is not None:
         data = _loader(splits.train, shuffle=False)
@@ -199,13 +205,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- interpolate
 def cmd_interpolate(args: argparse.Namespace) -> int:
     from mergelab.analysis.interpolate import interpolate
-    from mergelab.io import load, prepare_run_dir, read_config
+    from mergelab.io import load, prepare_run_dir
 
-    if args.data is None:
-        ds = read_config(args.a).get("metadata", {}).get("dataset", {})
-        if not ds:
-            raise ValueError("no dataset recorded in the checkpoint; pass --data")
-        args.data, args.data_seed, args.data_root = ds["name"], ds.get("seed", 0), ds.get("root")
+    _data_from_checkpoint(args, args.a)
     out = prepare_run_dir(args.out, force=args.force)
     splits = _load_data(args)
     a, b = load(args.a), load(args.b)
