@@ -241,3 +241,27 @@ def test_late_phase_bad_options_are_named(tmp_path: Path, capsys: pytest.Capture
     ]
     assert main(argv) == 2  # an MLP without norm layers has nothing for `bn` to keep per member
     assert "norm" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize("method,options", [("zipit", ["alpha=0.5", "beta=1"]), ("mudsc", ["alpha=0.5", "mode=zip"])])
+def test_merge_zipit_and_mudsc(
+    two_runs: tuple[Path, Path], tmp_path: Path, method: str, options: list[str]
+) -> None:
+    out = tmp_path / method
+    argv = [
+        "merge",
+        str(two_runs[0]),
+        str(two_runs[1]),
+        "--method",
+        method,
+        "--data",
+        "digits",
+        "--out",
+        str(out),
+    ]
+    for opt in options:
+        argv += ["--option", opt]
+    assert main(argv) == 0
+    meta = json.loads((out / "config.json").read_text())["metadata"]
+    assert meta["merge"]["method"] == method
+    assert (out / "model.safetensors").is_file()
