@@ -31,8 +31,10 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-bench: setup
+bench: setup  ## zoo accuracies, then matching speed/quality vs the rebasin package (installs the bench extra)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[bench]"
 	$(PY) benchmarks/zoo_accuracy.py
+	$(PY) benchmarks/matching.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -298,3 +298,196 @@ def test_errors_for_mismatched_models() -> None:
     bad = Structure((good.groups[0], replace(good.groups[1], probes=(Probe("nope", 1),))))
     with pytest.raises(ValueError, match="nope"):
         collect_features([a], bad, [torch.randn(4, 8)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sparse, warm-started LAP and the weight-matching stopping rule
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _lap_cases(n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "gaussian": torch.randn(n, n, generator=g),
+        "ties": torch.randint(0, 3, (n, n), generator=g).float(),  # many optimal assignments
+        "low_rank": torch.randn(n, 3, generator=g) @ torch.randn(3, n, generator=g)
+        + 1e-3 * torch.randn(n, n, generator=g),  # flat: optimal edges deep in each row
+    }
+
+
+def _lap_value(sim: torch.Tensor, perm: torch.Tensor) -> float:
+    return float(sim.double()[torch.arange(sim.shape[0]), perm].sum())
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 60, 200])
+def test_sparse_lap_is_exact_and_warm_starts(n: int) -> None:
+    from scipy.optimize import linear_sum_assignment
+
+    from mergelab.match.solvers import solve_lap_warm
+
+    for name, sim in _lap_cases(n, n).items():
+        r, c = linear_sum_assignment(sim.double().numpy(), maximize=True)
+        best = float(sim.double().numpy()[r, c].sum())
+        perm, state = solve_lap_warm(sim, method="sparse")
+        assert sorted(perm.tolist()) == list(range(n)), name
+        assert _lap_value(sim, perm) == pytest.approx(best, rel=1e-9, abs=1e-9), name
+        if state is None:  # solved without a LAP (every row's best column differs)
+            continue
+        # the returned prices are an LP certificate: no reduced cost of -sim is negative
+        cost = -sim.double().numpy()
+        u = cost[range(n), state.perm] - state.prices[state.perm]
+        assert (cost - u[:, None] - state.prices[None, :]).min() >= -1e-9 * max(1.0, abs(cost).max())
+        # a perturbed matrix, warm-started from those prices, is solved exactly too
+        noisy = sim + 0.05 * torch.randn(n, n, generator=torch.Generator().manual_seed(1))
+        r, c = linear_sum_assignment(noisy.double().numpy(), maximize=True)
+        warm, _ = solve_lap_warm(noisy, state, method="sparse")
+        assert _lap_value(noisy, warm) == pytest.approx(
+            float(noisy.double().numpy()[r, c].sum()), rel=1e-9, abs=1e-9
+        ), name
+        # the same matrix again: the old assignment is certified without solving
+        again, same_state = solve_lap_warm(sim, state, method="sparse")
+        assert torch.equal(again, perm) and same_state is state
+
+
+def test_solve_lap_methods_and_errors() -> None:
+    from mergelab.match.solvers import solve_lap_warm
+
+    sim = _lap_cases(30, 3)["gaussian"]
+    assert _lap_value(sim, solve_lap(sim, method="dense")) == pytest.approx(
+        _lap_value(sim, solve_lap(sim, method="sparse")), rel=1e-12
+    )
+    with pytest.raises(ValueError, match="method"):
+        solve_lap(sim, method="hungarian")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="NaN"):
+        solve_lap(torch.full((3, 3), float("nan")))
+    # a state of another size is ignored, not an error
+    _, state = solve_lap_warm(sim, method="sparse")
+    perm, _ = solve_lap_warm(_lap_cases(12, 0)["gaussian"], state, method="sparse")
+    assert sorted(perm.tolist()) == list(range(12))
+
+
+def _trained_pair(hidden: tuple[int, int] = (48, 40)):
+    from _align_helpers import train
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = (x[:, :3].argmax(1) + (x[:, 3] > 0).long()) % 3
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(train(MLP(hidden=hidden), x, y, steps=150))
+    return models
+
+
+def test_weight_matching_stopping_rule_and_solvers_agree() -> None:
+    a, b = _trained_pair()
+    s = mlp_structure(a)
+    exact = match_weights(s, a, b, tol=0.0, lap="dense")
+    sparse = match_weights(s, a, b, tol=0.0, lap="sparse")
+    # both LAP solvers are exact, so coordinate descent takes the same path
+    assert sparse.info["objective"] == pytest.approx(exact.info["objective"], rel=1e-9)
+    assert exact.info["stopped"] == "unchanged" and exact.info["converged"]
+    hist = exact.info["objective"]
+    assert all(y >= x - 1e-6 * abs(x) for x, y in itertools.pairwise(hist))
+    # tol: stop at the first iteration whose relative gain is ≤ tol
+    for tol in (1e-3, 1e-2):
+        al = match_weights(s, a, b, tol=tol, lap="dense")
+        h = al.info["objective"]
+        gains = [(y - x) / abs(x) for x, y in itertools.pairwise(h)]
+        assert al.info["stopped"] in ("tol", "unchanged")
+        assert all(gn > tol for gn in gains[:-1])
+        if al.info["stopped"] == "tol":
+            assert gains[-1] <= tol
+        assert len(h) <= len(hist)
+    one = match_weights(s, a, b, tol=float("inf"))
+    assert one.info["iterations"] == 1
+    assert set(exact.info["seconds"]) == {"similarity", "lap"}
+    with pytest.raises(ValueError, match="tol"):
+        match_weights(s, a, b, tol=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Groups without probes: attention projections and parts of a split basis
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _TorchAttention(torch.nn.Module):
+    """Token embedding + ``nn.MultiheadAttention`` (packed, or separate q/k/v weights when ``kdim`` is set)."""
+
+    def __init__(self, kdim: int | None = None) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(5, 8)
+        self.ctx = torch.nn.Linear(5, kdim or 8)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        c = self.ctx(x)
+        a, _ = self.attn(h, c, c)
+        return self.head((h + a).mean(1))
+
+
+@pytest.mark.parametrize("kdim", [None, 6])
+def test_activation_matching_torch_attention_without_probes(kdim: int | None) -> None:
+    from mergelab.match.features import fallback_taps
+    from mergelab.structure import discover_structure
+
+    torch.manual_seed(0)
+    model = _TorchAttention(kdim).eval()
+    x = torch.randn(64, 4, 5, generator=torch.Generator().manual_seed(1))
+    s = discover_structure(model, x[:2])
+    assert not s["attn.q"].probes and not s["attn.v"].probes
+    assert fallback_taps(model, s["attn.v"]).source == "value"  # not the module's (tuple) output
+    perm = random_perms(s, torch.Generator().manual_seed(2))
+    permuted = to_basis(model, s, perm)
+    al = match_activations(s, [model, permuted], loader(x, batch=16))
+    for g in s:
+        assert torch.equal(al.perms[1][g.name], torch.argsort(perm[g.name])), g.name
+        assert al.info["matched_similarity"][g.name] > 0.999, g.name
+    torch.testing.assert_close(apply_alignment([model, permuted], al)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_split_basis_parts_without_probes_read_their_slice() -> None:
+    from mergelab.structure.types import Axis, Group
+
+    torch.manual_seed(0)
+    model = MLP(hidden=(6, 5)).eval()
+    # fc1's units split in two parts of 2 and 4 (as structure discovery names them "fc1[0:2]", "fc1[2:6]")
+    parts = tuple(
+        Group(
+            f"fc1[{lo}:{hi}]",
+            hi - lo,
+            (
+                Axis("fc1.weight", 0, "out", start=lo),
+                Axis("fc1.bias", 0, "out", start=lo),
+                Axis("fc2.weight", 1, "in", start=lo),
+            ),
+        )
+        for lo, hi in ((0, 2), (2, 6))
+    )
+    s = Structure(parts)
+    x = torch.randn(40, 8)
+    stats = collect_features([model], s, [x])
+    with torch.no_grad():
+        h = model.fc1(x).double()
+    torch.testing.assert_close(stats.mean("fc1[0:2]"), h[:, :2].mean(0))
+    torch.testing.assert_close(stats.cov("fc1[2:6]"), torch.cov(h[:, 2:].T, correction=0))
+
+
+def test_group_without_observable_units_names_the_group() -> None:
+    from mergelab.structure.types import Axis, Group
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+            self.scale = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * self.scale
+
+    model = Scaled()
+    g = Group("gated", 3, (Axis("scale", 0, "out"),))
+    with pytest.raises(ValueError, match="'gated'.*add probes"):
+        collect_features([model], Structure((g,)), [torch.randn(4, 4)])

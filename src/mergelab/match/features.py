@@ -10,9 +10,20 @@ Where the units are read:
 
 * ``Group.probes``: fx node names of :func:`trace_model` ``(model)`` with the units along ``probe.dim``; the
   samples of all probes of a group are pooled (e.g. every point of a residual stream).
-* no probes: the output of the last module (in ``named_modules`` order, which follows the forward pass for the
-  zoo) that owns an ``"out"`` axis of the group, read with a forward hook — channel dim 1 for conv / norm maps,
-  the last dim for ``Linear`` / ``LayerNorm`` / ``Embedding`` outputs.
+* no probes (:func:`fallback_taps`; structure discovery leaves the query/key and value groups of attention
+  leaves and the parts of a split basis without probes): a forward hook on the last module (in
+  ``named_modules`` order, which follows the forward pass for the zoo) whose output *is* the group's units,
+  i.e. which produces them with an ``"out"`` axis on dim 0 of its own weight or bias:
+
+  - ``Linear``, ``Conv*d``, ``BatchNorm``/``InstanceNorm``/``GroupNorm`` and 1-d ``LayerNorm``: the output,
+    units along dim 1 (maps) or the last dim (``Linear``, ``LayerNorm``); a part of a split basis (``Axis.start``)
+    reads its slice ``[start, start + size)`` of that dim;
+  - ``nn.MultiheadAttention`` (packed ``in_proj_weight`` or separate ``q/k/v_proj_weight``): the q, k or v
+    projection of the module's query / key / value input, recomputed in the hook from the projection rows of
+    the group (its output is ``out_proj``'s, in the residual basis, and a tuple); its ``out_proj`` (never
+    called as a module) is read as the module's first output.
+
+  Anything else raises ``ValueError`` naming the group: add probes to the structure.
 
 Every other dimension is a sample: each spatial position of a conv map and each token counts.
 """
@@ -24,12 +35,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from mergelab.evaluation import split_batch
-from mergelab.structure.types import Group, Structure
+from mergelab.structure.types import Axis, Group, Structure
 
-__all__ = ["FeatureStats", "collect_features", "trace_model", "unit_dim"]
+__all__ = ["FeatureStats", "Tap", "collect_features", "fallback_taps", "trace_model", "unit_dim"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,25 +71,120 @@ def unit_dim(module: nn.Module) -> int:
     return 1
 
 
-def fallback_module(model: nn.Module, group: Group) -> str:
-    """Name of the module whose output shows ``group``'s units when the group has no probes."""
-    module_order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    best: tuple[int, str] | None = None
+@dataclass(frozen=True)
+class Tap:
+    """Where a group without probes is observed: a forward hook on ``module`` (see the module docstring).
+
+    Attributes:
+        module: the hooked module's name.
+        dim: the unit dimension of the tapped tensor.
+        start: for outputs, the group's first unit along ``dim`` (a part of a split basis).
+        source: ``"output"`` (the module's output, or its first element for attention) or the attention input
+            whose projection carries the units: ``"query"``, ``"key"`` or ``"value"``.
+        weight: for projections, the ``state_dict`` key of the projection matrix; its rows ``[row, row + size)``.
+        bias: for projections, the bias key (entries ``[bias_row, bias_row + size)``), or ``None``.
+    """
+
+    module: str
+    dim: int
+    start: int = 0
+    source: str = "output"
+    weight: str | None = None
+    row: int = 0
+    bias: str | None = None
+    bias_row: int = 0
+
+
+_OUTPUT_MODULES = (
+    nn.Linear,
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
+_MHA_PROJECTIONS = {"in_proj_weight": None, "q_proj_weight": 0, "k_proj_weight": 1, "v_proj_weight": 2}
+_MHA_INPUTS = ("query", "key", "value")
+
+
+def _tap_for_axis(model: nn.Module, modules: dict[str, nn.Module], group: Group, axis: Axis) -> Tap | None:
+    """The tap an ``"out"`` axis offers, if its module's output (or attention projection) carries the units."""
+    if axis.role != "out" or axis.dim != 0 or axis.inner != 1 or "." not in axis.param:
+        return None
+    path, attr = axis.param.rsplit(".", 1)
+    mod = modules.get(path)
+    if isinstance(mod, nn.MultiheadAttention):
+        if attr not in _MHA_PROJECTIONS:
+            return None  # in_proj_bias: the weight's axis gives the same tap
+        e = mod.embed_dim
+        idx = axis.start // e if attr == "in_proj_weight" else _MHA_PROJECTIONS[attr]
+        local = axis.start - idx * e if attr == "in_proj_weight" else axis.start
+        if local + group.size > e:
+            return None
+        bias = f"{path}.in_proj_bias" if mod.in_proj_bias is not None else None
+        return Tap(path, -1, 0, _MHA_INPUTS[idx], axis.param, axis.start, bias, idx * e + local)
+    parent = path.rsplit(".", 1)[0] if "." in path else ""
+    if path.endswith("out_proj") and isinstance(modules.get(parent), nn.MultiheadAttention):
+        return Tap(parent, -1, axis.start)  # out_proj is applied functionally inside the attention module
+    if not isinstance(mod, _OUTPUT_MODULES) or attr not in ("weight", "bias"):
+        return None
+    if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) != 1:
+        return None
+    return Tap(path, unit_dim(mod), axis.start)
+
+
+def fallback_taps(model: nn.Module, group: Group) -> Tap:
+    """Where to observe ``group``'s units when it has no probes (see the module docstring).
+
+    Raises:
+        ValueError: naming the group, when no module's output or attention projection carries its units.
+    """
+    modules = dict(model.named_modules())
+    order = {name: i for i, name in enumerate(modules)}
+    best: tuple[int, Tap] | None = None
     for a in group.axes:
-        if a.role != "out" or a.start != 0 or a.inner != 1:
-            continue
-        path = a.param.rsplit(".", 1)[0] if "." in a.param else ""
-        if path == "" or a.dim != 0:  # only "rows of my output" parameters say where the units come out
-            continue
-        order = module_order[path]
-        if best is None or order > best[0]:
-            best = (order, path)
+        tap = _tap_for_axis(model, modules, group, a)
+        if tap is not None and (best is None or order[tap.module] >= best[0]):
+            best = (order[tap.module], tap)
     if best is None:
         raise ValueError(
-            f"collect_features: group {group.name!r} has no probes and no module whose output carries its units "
-            f"(no 'out' axis on dim 0 of a module parameter without inner/start); add probes to the structure"
+            f"collect_features: group {group.name!r} has no probes, and no module output shows its units (its "
+            f"'out' axes {[str(a) for a in group.axes if a.role == 'out']} are not rows of a Linear, Conv, norm or "
+            f"attention projection); add probes (fx nodes carrying its units) to the structure"
         )
     return best[1]
+
+
+def fallback_module(model: nn.Module, group: Group) -> str:
+    """Name of the module hooked to observe ``group``'s units when it has no probes (:func:`fallback_taps`)."""
+    return fallback_taps(model, group).module
+
+
+def _tap_hook(
+    tap: Tap, size: int, params: dict[str, Tensor], cb: Callable[[Tensor], None]
+) -> Callable[..., None]:
+    """A ``with_kwargs`` forward hook feeding ``cb`` the tensor that carries the ``size`` units of ``tap``."""
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+        if tap.source != "output":
+            i = _MHA_INPUTS.index(tap.source)
+            x = args[i] if len(args) > i else kwargs[tap.source]
+            assert tap.weight is not None
+            w = params[tap.weight][tap.row : tap.row + size]
+            b = params[tap.bias][tap.bias_row : tap.bias_row + size] if tap.bias else None
+            cb(F.linear(x, w, b))  # (..., size): the group's q, k or v units
+            return
+        t = out[0] if isinstance(out, tuple) else out
+        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[tap.dim] != size:  # a part of a split basis
+            if t.shape[tap.dim] < tap.start + size:
+                raise ValueError(
+                    f"collect_features: module {tap.module!r} output {tuple(t.shape)} has no units "
+                    f"[{tap.start}, {tap.start + size}) along dim {tap.dim}"
+                )
+            t = t.narrow(tap.dim, tap.start, size)
+        cb(t)  # type: ignore[arg-type]
+
+    return hook
 
 
 def _flatten_units(t: Tensor, dim: int, n: int, where: str) -> Tensor:
@@ -242,10 +349,12 @@ def collect_features(
                             make_cb(i, g, p.dim, f"probe {p.node!r} of {g.name!r}")
                         )
                 else:
-                    name = fallback_module(model, g)
-                    mod = model.get_submodule(name)
-                    cb = make_cb(i, g, unit_dim(mod), f"module {name!r} (group {g.name!r})")
-                    handles.append(mod.register_forward_hook(lambda _m, _inp, out, cb=cb: cb(out)))
+                    tap = fallback_taps(model, g)
+                    where = f"module {tap.module!r} ({tap.source}, group {g.name!r})"
+                    cb = make_cb(i, g, tap.dim, where)
+                    hook = _tap_hook(tap, g.size, dict(model.named_parameters()), cb)
+                    mod = model.get_submodule(tap.module)
+                    handles.append(mod.register_forward_hook(hook, with_kwargs=True))
             if use_graph:
                 gm = graphs[i]
                 assert gm is not None

@@ -108,7 +108,8 @@ class WeightSimilarity:
                 raise ValueError(f"weight similarity: {k!r} {tuple(v.shape)} in model a vs {got} in model b")
         self.axes = _param_axes(structure, params_a)
         self._a_rows: dict[tuple[str, int], Tensor] = {}
-        self._terms: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}  # key → (B rows used, term)
+        # key → (other groups' permutations used, B rows used, term)
+        self._terms: dict[tuple[str, int], tuple[list[Tensor], Tensor, Tensor]] = {}
 
     def dependencies(self, group: str) -> set[str]:
         """Groups whose permutation changes ``group``'s similarity (they share a tensor with it)."""
@@ -142,23 +143,25 @@ class WeightSimilarity:
         others = [
             (a2, perms[h.name]) for h, a2 in self.axes[axis.param] if not (h.name == g.name and a2 == axis)
         ]
-        if not others and key in self._terms:
-            return self._terms[key][1]
-        b_rows = unit_matrix(permute_tensor(self.params_b[axis.param], others), axis, g.size)  # (n, R)
+        used = [p.clone() for _, p in others]  # callers may reuse their tensors
         cached = self._terms.get(key)
+        if cached is not None and all(torch.equal(p, q) for p, q in zip(used, cached[0], strict=True)):
+            return cached[2]  # no other permutation on this tensor moved
+        b_rows = unit_matrix(permute_tensor(self.params_b[axis.param], others), axis, g.size)  # (n, R)
         if cached is not None:
-            b_old, term = cached
+            _, b_old, term = cached
             changed = (b_rows != b_old).any(0).nonzero().flatten()
             if changed.numel() == 0:
+                self._terms[key] = (used, b_old, term)
                 return term
             if changed.numel() < b_rows.shape[1] // 2:
                 # Low-rank update: a permutation that moved few units changes few columns of B.
                 delta = b_rows.index_select(1, changed) - b_old.index_select(1, changed)
                 term = term + a_rows.index_select(1, changed) @ delta.T
-                self._terms[key] = (b_rows, term)
+                self._terms[key] = (used, b_rows, term)
                 return term
         term = a_rows @ b_rows.T  # (n, n)
-        self._terms[key] = (b_rows, term)
+        self._terms[key] = (used, b_rows, term)
         return term
 
 
