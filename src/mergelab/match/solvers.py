@@ -166,6 +166,22 @@ def _row_blocks(n: int, width: int) -> Iterator[slice]:
         yield slice(lo, min(n, lo + step))
 
 
+def _candidates(red: np.ndarray, tau: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Edges of a row block with reduced cost ≤ ``tau``, at most ``4k`` per row (the smallest ones).
+
+    The cap matters for rows of (near-)equal costs, e.g. a dead unit's all-zero correlations: every entry would
+    pass the threshold, and any few of them serve as well (the certificate adds what is missing).
+    """
+    mask = red <= tau  # (rows, n)
+    cap = min(red.shape[1], 4 * k)
+    over = np.flatnonzero(np.count_nonzero(mask, axis=1) > cap)
+    if over.size:
+        keep = np.argpartition(red[over], cap - 1, axis=1)[:, :cap]
+        mask[over] = False
+        mask[over[:, None], keep] = True
+    return np.nonzero(mask)
+
+
 def _sparse_lap(sim: np.ndarray, state: LapState | None, k: int = _CANDIDATES_PER_ROW) -> LapState | None:
     """Exact LAP on a dense similarity via a sparse candidate set and an LP dual certificate.
 
@@ -209,7 +225,7 @@ def _sparse_lap(sim: np.ndarray, state: LapState | None, k: int = _CANDIDATES_PE
         for b in blocks:
             red = cost(b) - v  # (rows, n)
             u[b] = red.min(1)
-            bi, bj = np.nonzero(red <= (u[b] + tau)[:, None])
+            bi, bj = _candidates(red - u[b, None], tau, k)
             parts_i.append(bi + b.start)
             parts_j.append(bj)
         unhappy = int(np.count_nonzero(cost_at(ar, prev) - v[prev] > u + tol))
@@ -231,7 +247,7 @@ def _sparse_lap(sim: np.ndarray, state: LapState | None, k: int = _CANDIDATES_PE
         tau = np.partition(red.ravel(), kth)[kth]
         parts_i, parts_j = [], []
         for b in blocks:
-            bi, bj = np.nonzero(cost(b) - v <= (u[b] + tau)[:, None])
+            bi, bj = _candidates(cost(b) - v - u[b, None], tau, k)
             parts_i.append(bi + b.start)
             parts_j.append(bj)
     # The previous assignment (or the identity) joins the candidates, so a perfect matching exists among them.
