@@ -429,17 +429,6 @@ def _solve_tie(
     }
 
 
-def _ties(structure: Structure) -> list[tuple[str, ...]]:
-    seen: set[str] = set()
-    out = []
-    for g in structure:
-        if g.name not in seen:
-            tie = structure.tie_of(g.name)
-            seen.update(tie)
-            out.append(tie)
-    return out
-
-
 # --------------------------------------------------------------------------------------------------- alignment
 
 
@@ -548,7 +537,7 @@ def zip_alignment(
     sizes = _group_sizes(structure, len(models))
     sims = {g.name: joint_activation_similarity(st, g.name) for g in structure}
     matches: dict[str, GroupMatch] = {}
-    for tie in _ties(structure):
+    for tie in structure.tie_sets():
         matches.update(_solve_tie(structure, tie, sims, sizes, solver, alpha, beta))
     info = {
         "method": "zipit" if solver == "zip" else "permute",
@@ -722,7 +711,7 @@ def mudsc_alignment(
     st = _stats(models, structure, data, stats, max_batches, "mudsc_alignment")
     sizes = _group_sizes(structure, len(models))
     act = {g.name: joint_activation_similarity(st, g.name) for g in structure}
-    ties = _ties(structure)
+    ties = structure.tie_sets()
     matches: dict[str, GroupMatch] = {}
     for tie in ties:
         matches.update(_solve_tie(structure, tie, act, sizes, solver, zip_alpha, zip_beta))

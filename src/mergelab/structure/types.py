@@ -145,6 +145,17 @@ class Structure:
                 return tie
         return (name,)
 
+    def tie_sets(self) -> list[tuple[str, ...]]:
+        """Every tie once, in forward order (an untied group is a tie of one): the units solvers visit."""
+        seen: set[str] = set()
+        out: list[tuple[str, ...]] = []
+        for g in self.groups:
+            if g.name not in seen:
+                tie = self.tie_of(g.name)
+                seen.update(tie)
+                out.append(tie)
+        return out
+
     def axes_of(self, param: str) -> list[tuple[Group, Axis]]:
         """Every (group, axis) that touches ``param``."""
         return [(g, a) for g in self.groups for a in g.axes if a.param == param]
