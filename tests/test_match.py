@@ -312,7 +312,17 @@ def _lap_cases(n: int, seed: int) -> dict[str, torch.Tensor]:
         "ties": torch.randint(0, 3, (n, n), generator=g).float(),  # many optimal assignments
         "low_rank": torch.randn(n, 3, generator=g) @ torch.randn(3, n, generator=g)
         + 1e-3 * torch.randn(n, n, generator=g),  # flat: optimal edges deep in each row
+        "dead_units": _with_dead_units(
+            torch.randn(n, n, generator=g)
+        ),  # zero rows and columns: degenerate dual
     }
+
+
+def _with_dead_units(sim: torch.Tensor) -> torch.Tensor:
+    sim = sim.clone()
+    sim[::4] = 0.0
+    sim[:, 1::5] = 0.0
+    return sim
 
 
 def _lap_value(sim: torch.Tensor, perm: torch.Tensor) -> float:
@@ -347,6 +357,19 @@ def test_sparse_lap_is_exact_and_warm_starts(n: int) -> None:
         # the same matrix again: the old assignment is certified without solving
         again, same_state = solve_lap_warm(sim, state, method="sparse")
         assert torch.equal(again, perm) and same_state is state
+
+
+def test_auto_lap_uses_the_sparse_path_only_where_it_pays() -> None:
+    from mergelab.match.solvers import _SPARSE_MIN_SIZE, solve_lap_warm
+
+    n = _SPARSE_MIN_SIZE
+    sim = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
+    _, state = solve_lap_warm(sim)  # a large cold start: sparse, returns prices to warm-start from
+    assert state is not None
+    _, state = solve_lap_warm(_with_dead_units(sim))  # dead units: degenerate dual, solved densely
+    assert state is None
+    _, state = solve_lap_warm(sim[:100, :100])  # small: dense
+    assert state is None
 
 
 def test_solve_lap_methods_and_errors() -> None:

@@ -295,6 +295,12 @@ def _sparse_lap(sim: np.ndarray, state: LapState | None, k: int = _CANDIDATES_PE
     return None
 
 
+def _has_constant_lines(sim: np.ndarray) -> bool:
+    """Whether some row or column is constant (a dead unit's correlations): every column ties there, which
+    makes the LP dual degenerate and column generation slow, so such matrices are solved densely."""
+    return bool(np.any(sim.max(1) == sim.min(1)) or np.any(sim.max(0) == sim.min(0)))
+
+
 def solve_lap_warm(
     similarity: Tensor, state: LapState | None = None, *, method: LapMethod = "auto"
 ) -> tuple[Tensor, LapState | None]:
@@ -305,7 +311,8 @@ def solve_lap_warm(
     ``-1e-11·max|similarity|``, i.e. float64 round-off), adding edges until the certificate holds. Warm starts
     (``state`` from the previous solve of this group) make step 1 of the sparse path find the old assignment
     still optimal, or pick candidates that already contain the new one. ``"auto"`` uses the sparse path from
-    768 units on (below, scipy's dense solver is faster).
+    768 units on (below, scipy's dense solver is faster), except for a cold start on a matrix with a constant
+    row or column (dead units), where the dual is degenerate.
 
     Args:
         similarity: (n × n) scores.
@@ -331,7 +338,10 @@ def solve_lap_warm(
         best = sim.argmax(1)
         if np.unique(best).size == n:
             return torch.from_numpy(best.astype(np.int64)), None  # every row gets its best column: optimal
-    if method == "sparse" or (method == "auto" and n >= _SPARSE_MIN_SIZE):
+    sparse = method == "sparse" or (
+        method == "auto" and n >= _SPARSE_MIN_SIZE and (state is not None or not _has_constant_lines(sim))
+    )
+    if sparse:
         solved = _sparse_lap(sim, state)
         if solved is not None:
             return torch.from_numpy(solved.perm.copy()), solved
@@ -342,9 +352,12 @@ def solve_lap_warm(
 def solve_lap(similarity: Tensor, *, method: LapMethod = "auto") -> Tensor:
     """Maximum-similarity assignment of rows to columns (exact; see :func:`solve_lap_warm` for the methods).
 
+    A single solve has no prices to start from, so ``"auto"`` means scipy's dense solver here; repeated solves
+    of a changing matrix (weight matching) gain from :func:`solve_lap_warm`.
+
     Args:
         similarity: (n × n) scores; ``similarity[i, j]`` = how well row unit ``i`` matches column unit ``j``.
-        method: ``"auto"`` (default), ``"dense"`` (scipy) or ``"sparse"`` (candidate set + dual certificate).
+        method: ``"auto"`` (default: dense), ``"dense"`` (scipy) or ``"sparse"`` (candidates + dual certificate).
 
     Returns:
         int64 ``perm`` with ``perm[i]`` = the column matched to row ``i``.
@@ -354,7 +367,7 @@ def solve_lap(similarity: Tensor, *, method: LapMethod = "auto") -> Tensor:
         >>> solve_lap(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
         tensor([1, 0])
     """
-    return solve_lap_warm(similarity, method=method)[0]
+    return solve_lap_warm(similarity, method="dense" if method == "auto" else method)[0]
 
 
 def solve_block_lap(similarities: Sequence[Tensor], blocks: int) -> list[Tensor]:
@@ -406,8 +419,11 @@ def solve_block_lap(similarities: Sequence[Tensor], blocks: int) -> list[Tensor]
 def solve_tie(
     structure: Structure, tie: Sequence[str], similarities: Sequence[Tensor], *, method: LapMethod = "auto"
 ) -> list[Tensor]:
-    """Solve the groups of one tie jointly (plain LAP for a lone free group, block-aware otherwise)."""
-    return _solve_tie_warm(structure, tie, similarities, None, method)[0]
+    """Solve the groups of one tie jointly (plain LAP for a lone free group, block-aware otherwise).
+
+    ``method`` is that of :func:`solve_lap` (``"auto"``: dense for a single solve).
+    """
+    return _solve_tie_warm(structure, tie, similarities, None, "dense" if method == "auto" else method)[0]
 
 
 def _solve_tie_warm(
@@ -423,17 +439,6 @@ def _solve_tie_warm(
         perm, new_state = solve_lap_warm(similarities[0], state, method=method)
         return [perm], new_state
     return solve_block_lap(similarities, groups[0].blocks), None
-
-
-def _ties(structure: Structure) -> list[tuple[str, ...]]:
-    seen: set[str] = set()
-    out = []
-    for g in structure:
-        if g.name not in seen:
-            tie = structure.tie_of(g.name)
-            seen.update(tie)
-            out.append(tie)
-    return out
 
 
 def _value(sims: Sequence[Tensor], perms: Sequence[Tensor]) -> float:
@@ -471,7 +476,7 @@ def _weight_matching(
     if init:
         perms.update({k: torch.as_tensor(v, dtype=torch.long).clone() for k, v in init.items()})
     sim = WeightSimilarity(structure, params_a, params_b)
-    ties = _ties(structure)
+    ties = structure.tie_sets()
     deps = {t: set().union(*(sim.dependencies(g) for g in t)) for t in ties}
     snapshot: dict[tuple[str, ...], dict[str, Tensor]] = {}
     lap_states: dict[tuple[str, ...], LapState | None] = {}
@@ -763,7 +768,7 @@ def match_activations(
         raise ValueError(f"match_activations: stats were collected for {stats.num_models} models, got {n}")
 
     perms: list[Perms] = [_identity(structure) for _ in models]
-    ties = _ties(structure)
+    ties = structure.tie_sets()
     for tie in ties:
         for i in range(n):
             if i == reference:
