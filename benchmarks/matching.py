@@ -209,7 +209,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--widths", type=int, nargs="+", default=None, help="default 128 256 512 1024 2048")
-    parser.add_argument("--quick", action="store_true", help="smoke run: widths 128 256, 2 epochs, 1 repeat")
+    parser.add_argument("--quick", action="store_true", help="smoke run: widths 128 256, 2 epochs, 2 repeats")
     parser.add_argument("--repeats", type=int, default=3, help="timing runs per cell (best is reported)")
     parser.add_argument("--tol", type=float, default=DEFAULT_TOL, help="stopping tolerance of 'mergelab wm'")
     parser.add_argument("--max-rebasin-width", type=int, default=4096, help="skip rebasin above this width")
@@ -221,7 +221,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.repeats = 1
+        args.repeats = 2  # the first run of a process pays one-off imports and tracing warm-up
     widths = args.widths or ([128, 256] if args.quick else [128, 256, 512, 1024, 2048])
     torch.set_num_threads(2)
 

@@ -243,7 +243,9 @@ def test_late_phase_bad_options_are_named(tmp_path: Path, capsys: pytest.Capture
     assert "norm" in capsys.readouterr().err.lower()
 
 
-@pytest.mark.parametrize("method,options", [("zipit", ["alpha=0.5", "beta=1"]), ("mudsc", ["alpha=0.5", "mode=zip"])])
+@pytest.mark.parametrize(
+    "method,options", [("zipit", ["alpha=0.5", "beta=1"]), ("mudsc", ["alpha=0.5", "mode=zip"])]
+)
 def test_merge_zipit_and_mudsc(
     two_runs: tuple[Path, Path], tmp_path: Path, method: str, options: list[str]
 ) -> None:
