@@ -609,6 +609,20 @@ def _permuted_params(structure: Structure, params: Mapping[str, Tensor], perms: 
     return {k: permute_tensor(v, axes[k]) if k in axes else v for k, v in params.items()}
 
 
+def _check_models(
+    models: Sequence[nn.Module], reference: int, coefficients: Sequence[float] | None, op: str
+) -> tuple[list[nn.Module], list[float]]:
+    """The checks every N-model matcher makes first: ≥ 2 models of one architecture, a valid reference."""
+    models = list(models)
+    n = len(models)
+    if n < 2:
+        raise ValueError(f"{op}: need at least 2 models, got {n}")
+    if not 0 <= reference < n:
+        raise ValueError(f"{op}: reference={reference} out of range for {n} models")
+    check_same_architecture(models, op)
+    return models, normalize_coefficients(coefficients, n, op)
+
+
 def match_weights_many(
     structure: Structure,
     models: Sequence[nn.Module],
@@ -637,14 +651,8 @@ def match_weights_many(
     Returns:
         A permutation :class:`Alignment` of all models.
     """
-    models = list(models)
+    models, coefs = _check_models(models, reference, coefficients, "match_weights_many")
     n = len(models)
-    if n < 2:
-        raise ValueError(f"match_weights_many: need at least 2 models, got {n}")
-    if not 0 <= reference < n:
-        raise ValueError(f"match_weights_many: reference={reference} out of range for {n} models")
-    check_same_architecture(models, "match_weights_many")
-    coefs = normalize_coefficients(coefficients, n, "match_weights_many")
     params = [float_parameters(m) for m in models]
     perms: list[Perms] = [_identity(structure) for _ in models]
     infos: list[dict] = [{} for _ in models]
@@ -752,14 +760,8 @@ def match_activations(
         A permutation :class:`Alignment`; ``info["matched_similarity"]`` holds, per group, the mean similarity of
         matched units to the reference.
     """
-    models = list(models)
+    models, coefs = _check_models(models, reference, coefficients, "match_activations")
     n = len(models)
-    if n < 2:
-        raise ValueError(f"match_activations: need at least 2 models, got {n}")
-    if not 0 <= reference < n:
-        raise ValueError(f"match_activations: reference={reference} out of range for {n} models")
-    check_same_architecture(models, "match_activations")
-    coefs = normalize_coefficients(coefficients, n, "match_activations")
     if stats is None:
         if data is None:
             raise ValueError("match_activations: needs data= (a loader yielding x or (x, y)) or stats=")
