@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from mergelab import __version__
+from mergelab.io.run_dir import prepare_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -26,23 +26,6 @@ CONFIG = "config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not fit the model it should rebuild."""
-
-
-def prepare_run_dir(path: str | Path, *, force: bool = False) -> Path:
-    """Create ``path`` as an empty folder; an existing non-empty one is only replaced with ``force=True``."""
-    path = Path(path)
-    if path.exists() and (path.is_file() or any(path.iterdir())):
-        if not force:
-            raise FileExistsError(
-                f"{path} already exists and is not empty; pass --force (force=True) to overwrite it"
-            )
-        log.warning("overwriting %s", path)
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def save(
