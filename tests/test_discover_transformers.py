@@ -93,7 +93,7 @@ def test_gpt2_lm_head_tied_embeddings_conv1d() -> None:
             0,
             16,
         ]
-        assert ("transformer.h.%d.mlp.c_fc.weight" % i, 1) in _covered(s)
+        assert (f"transformer.h.{i}.mlp.c_fc.weight", 1) in _covered(s)
 
 
 def test_bert_sequence_classification() -> None:
