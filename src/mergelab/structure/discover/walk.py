@@ -489,6 +489,17 @@ class Walk:
                 lead = math.prod(factors[r] for r in run[: len(run) - len(tail)])
                 axes[keep_out[od]] = tuple(Piece(p.basis, p.entries * factors[d]) for p in lay) * lead
                 continue
+            leaves = self.u.leaves(lay)
+            if len(hs) == 1 and run[-2:] == [d, hs[0]] and all(p.entries == 1 for p in leaves):
+                # within-head axis before the head axis (a channel shuffle): entry (i, h) is unit i of head h,
+                # so the heads can only keep their symmetry if they share one permutation: unify them
+                sizes = {self.u.b[self.u.find(p.basis)].size for p in leaves}
+                if len(sizes) == 1:
+                    for p in leaves[1:]:
+                        self.u.union(leaves[0].basis, p.basis, where)
+                    lead = math.prod(factors[r] for r in run[:-2])
+                    axes[keep_out[od]] = (Piece(leaves[0].basis, factors[d] * factors[hs[0]]),) * lead
+                    continue
             if run == [d] and od not in ohs:
                 if len(set(ohs)) == len(ohs) and all(
                     runs_out[o] == [h] for o, h in zip(ohs, hs, strict=True)

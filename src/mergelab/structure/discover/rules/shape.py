@@ -379,3 +379,25 @@ def new_tensor(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
 
 
 _ = Seq
+
+
+@rule("repeat_interleave")
+def repeat_interleave(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """``x.repeat_interleave(n, dim)``: each entry repeated ``n`` times in place (``repeat_kv`` written short)."""
+    v = args[0]
+    repeats, dim = c(arg(args, kwargs, 1, "repeats")), c(arg(args, kwargs, 2, "dim"))
+    if not isinstance(v, Act) or not isinstance(repeats, int) or dim is None:
+        if isinstance(v, Act) and v.tracked:
+            return w.plain_from(v, "repeat_interleave without a fixed count and axis")
+        return NotImplemented
+    d = ndim(dim, len(v.shape))
+    shape = w.out_shape()
+    expanded = Act(
+        (*v.shape[: d + 1], repeats, *v.shape[d + 1 :]),
+        {a if a <= d else a + 1: lay for a, lay in v.axes.items()},
+        {
+            (dd if dd <= d else dd + 1): (tuple(h if h <= d else h + 1 for h in hs), lay)
+            for dd, (hs, lay) in v.pairs.items()
+        },
+    )
+    return w.reshape(expanded, shape)
