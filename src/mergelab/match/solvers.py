@@ -78,6 +78,10 @@ _REL_TOL = 1e-7
 # 1e-3 already costs up to 8 %.
 DEFAULT_TOL = 1e-4
 
+# A start whose objective is within this (relative) margin of the Cauchy-Schwarz bound is the global optimum
+# (float32 round-off of the sums is ~1e-7).
+_OPTIMAL_RTOL = 1e-6
+
 
 LapMethod = Literal["auto", "dense", "sparse"]
 StartKind = Literal["best", "identity", "propagate"]
@@ -458,6 +462,17 @@ def _identity(structure: Structure) -> Perms:
     return {g.name: torch.arange(g.size) for g in structure}
 
 
+def _objective_bound(params_a: Mapping[str, Tensor], params_b: Mapping[str, Tensor]) -> float:
+    """``Σ_params ‖W_a‖·‖W_b‖``: no permutation scores higher (Cauchy-Schwarz); a permuted copy reaches it."""
+    return sum(
+        float(
+            torch.linalg.vector_norm(v, dtype=torch.float64)
+            * torch.linalg.vector_norm(params_b[k], dtype=torch.float64)
+        )
+        for k, v in params_a.items()
+    )
+
+
 def _uninformative(similarity: Tensor) -> bool:
     """Whether every assignment scores the same: ``S[i, j] = r_i + c_j`` (e.g. all-ones norm weights, zero biases).
 
@@ -618,7 +633,11 @@ def _weight_matching(
         cost = _propagate(structure, sim, prop, states, lap)
         starts["propagate"] = weight_objective(structure, params_a, params_b, prop)
         run, used = None, "propagate"
-        if start == "best":
+        if starts["propagate"] >= (1.0 - _OPTIMAL_RTOL) * _objective_bound(params_a, params_b):
+            # the Cauchy-Schwarz bound is reached (a permuted copy): the global optimum, nothing to descend
+            run = _Descent(prop, [starts["propagate"]], stopped="optimal")
+            extra = (0, 0.0, 0.0)
+        elif start == "best":
             # Git Re-Basin's start first; the propagated one replaces it only if it already scores higher than
             # where descent from the identity ends (descent never lowers the objective, so it can only end higher).
             run, used = _descend(structure, sim, _identity(structure), **kw), "identity"
@@ -626,9 +645,10 @@ def _weight_matching(
             if starts["propagate"] > run.history[-1] + _REL_TOL * max(1.0, abs(run.history[-1])):
                 extra = (run.solves, run.t_sim, run.t_lap)
                 run, used = None, "propagate"
-        if run is None:
-            run = _descend(structure, sim, prop, lap_states=states, **kw)
-            starts["propagate"] = run.history[-1]
+        if run is None or used == "propagate":
+            if run is None:
+                run = _descend(structure, sim, prop, lap_states=states, **kw)
+                starts["propagate"] = run.history[-1]
             extra = tuple(x + y for x, y in zip(extra, cost, strict=True))  # type: ignore[assignment]
         else:
             extra = cost
@@ -689,7 +709,8 @@ def match_weights(
 
     Returns:
         A permutation :class:`Alignment` of the two models. ``info`` holds ``objective`` (after each
-        iteration of the kept run), ``iterations``, ``stopped`` (``"unchanged"``, ``"tol"`` or ``"max_iter"``),
+        iteration of the kept run), ``iterations``, ``stopped`` (``"unchanged"``, ``"tol"``, ``"max_iter"``, or
+        ``"optimal"`` when the propagated start reaches the bound ``Σ ‖W_a‖·‖W_b‖``: no descent needed),
         ``converged``, ``start`` (the start kept), ``starts`` (the objective each start reached), ``solves`` (LAPs
         solved, every start included) and ``seconds`` (time in similarities and in LAPs).
 
