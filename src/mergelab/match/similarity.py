@@ -16,7 +16,7 @@ the function's weights, and their products would only add a positive bias to eve
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Literal
 
 import torch
@@ -123,15 +123,36 @@ class WeightSimilarity:
 
     def __call__(self, group: str, perms: Mapping[str, Tensor]) -> Tensor:
         """(n × n) similarity of ``group`` given the current permutations of model b's other groups."""
+        total = self.partial(group, perms)
+        if total is None:
+            raise ValueError(f"weight similarity: group {group!r} touches no parameter (only buffers?)")
+        return total
+
+    def partial(
+        self, group: str, perms: Mapping[str, Tensor], known: Collection[str] | None = None
+    ) -> Tensor | None:
+        """The similarity of ``group`` from only the tensors whose other permuted axes belong to ``known`` groups.
+
+        A term ``A_axis @ B_axisᵀ`` measured against a neighbour whose permutation is still arbitrary (not yet
+        solved) is noise, and a LAP fits noise: it finds an assignment that scores high on it. Leaving such terms
+        out lets a first sweep propagate what is certain — the model's fixed input/output axes, per-unit
+        parameters (biases, norm affines, depthwise kernels) and already solved neighbours — through the
+        network. ``known=None`` counts every group as known (the full similarity). Returns ``None`` when no term
+        qualifies.
+        """
         g = self.structure[group]
         total: Tensor | None = None
         for i, axis in enumerate(g.axes):
             if axis.param not in self.params_a:
                 continue
+            if known is not None and any(
+                h.name not in known
+                for h, a2 in self.axes[axis.param]
+                if not (h.name == g.name and a2 == axis)
+            ):
+                continue
             term = self._term(g, i, axis, perms)
             total = term if total is None else total + term
-        if total is None:
-            raise ValueError(f"weight similarity: group {group!r} touches no parameter (only buffers?)")
         return total
 
     def _term(self, g: Group, i: int, axis: Axis, perms: Mapping[str, Tensor]) -> Tensor:

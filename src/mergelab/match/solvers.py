@@ -54,6 +54,7 @@ from mergelab.structure.types import Structure
 __all__ = [
     "DEFAULT_TOL",
     "LapState",
+    "StartKind",
     "match_activations",
     "match_weights",
     "match_weights_many",
@@ -77,8 +78,13 @@ _REL_TOL = 1e-7
 # 1e-3 already costs up to 8 %.
 DEFAULT_TOL = 1e-4
 
+# A start whose objective is within this (relative) margin of the Cauchy-Schwarz bound is the global optimum
+# (float32 round-off of the sums is ~1e-7).
+_OPTIMAL_RTOL = 1e-6
+
 
 LapMethod = Literal["auto", "dense", "sparse"]
+StartKind = Literal["best", "identity", "propagate"]
 
 # Below this size scipy's dense solver is faster than the candidate-set path (measured: benchmarks/matching.py).
 _SPARSE_MIN_SIZE = 768
@@ -456,30 +462,94 @@ def _identity(structure: Structure) -> Perms:
     return {g.name: torch.arange(g.size) for g in structure}
 
 
-def _weight_matching(
+def _objective_bound(params_a: Mapping[str, Tensor], params_b: Mapping[str, Tensor]) -> float:
+    """``Σ_params ‖W_a‖·‖W_b‖``: no permutation scores higher (Cauchy-Schwarz); a permuted copy reaches it."""
+    return sum(
+        float(
+            torch.linalg.vector_norm(v, dtype=torch.float64)
+            * torch.linalg.vector_norm(params_b[k], dtype=torch.float64)
+        )
+        for k, v in params_a.items()
+    )
+
+
+def _uninformative(similarity: Tensor) -> bool:
+    """Whether every assignment scores the same: ``S[i, j] = r_i + c_j`` (e.g. all-ones norm weights, zero biases).
+
+    A LAP on such a matrix returns an arbitrary permutation; keeping the current one is as good and honest.
+    """
+    s = similarity.double()
+    resid = s - s.mean(1, keepdim=True) - s.mean(0, keepdim=True) + s.mean()
+    return bool(resid.abs().max() <= 1e-6 * max(float(s.abs().max()), 1e-30))
+
+
+def _propagate(
     structure: Structure,
-    params_a: Mapping[str, Tensor],
-    params_b: Mapping[str, Tensor],
+    sim: WeightSimilarity,
+    perms: Perms,
+    lap_states: dict[tuple[str, ...], LapState | None],
+    lap: LapMethod,
+) -> tuple[int, float, float]:
+    """The starting point of weight matching: one forward sweep that only trusts what is already known.
+
+    Each tie is solved in forward order on :meth:`WeightSimilarity.partial` with the ties solved before it as
+    ``known``: the terms against fixed axes, its own per-unit parameters and solved neighbours, never against a
+    neighbour whose permutation is still the arbitrary identity. A tie with no such term keeps the identity.
+    Updates ``perms`` and ``lap_states`` in place; returns (LAPs solved, similarity seconds, LAP seconds).
+    """
+    known: set[str] = set()
+    solves, t_sim, t_lap = 0, 0.0, 0.0
+    for tie in structure.tie_sets():
+        t0 = time.perf_counter()
+        parts = [sim.partial(g, perms, known) for g in tie]
+        t1 = time.perf_counter()
+        t_sim += t1 - t0
+        known.update(tie)
+        if all(p is None or _uninformative(p) for p in parts):
+            continue
+        sims = [
+            p if p is not None else torch.zeros(structure[g].size, structure[g].size)
+            for g, p in zip(tie, parts, strict=True)
+        ]
+        new, lap_states[tie] = _solve_tie_warm(structure, tie, sims, None, lap)
+        t_lap += time.perf_counter() - t1
+        solves += 1
+        for g, p in zip(tie, new, strict=True):
+            perms[g] = p
+    return solves, t_sim, t_lap
+
+
+@dataclass
+class _Descent:
+    """One run of coordinate descent: its permutations, objective after each iteration, and its cost."""
+
+    perms: Perms
+    history: list[float]
+    iterations: int = 0
+    stopped: str = "max_iter"
+    solves: int = 0
+    t_sim: float = 0.0
+    t_lap: float = 0.0
+
+
+def _descend(
+    structure: Structure,
+    sim: WeightSimilarity,
+    perms: Perms,
     *,
     max_iter: int,
     seed: int,
-    init: Mapping[str, Tensor] | None = None,
-    tol: float = 0.0,
-    lap: LapMethod = "auto",
-) -> tuple[Perms, dict]:
-    """Coordinate descent of LAPs over ties in random order until an iteration changes nothing (or gains < tol)."""
-    if max_iter < 1:
-        raise ValueError(f"weight matching: max_iter must be >= 1, got {max_iter}")
-    if not tol >= 0.0:
-        raise ValueError(f"weight matching: tol must be >= 0, got {tol}")
-    perms = _identity(structure)
-    if init:
-        perms.update({k: torch.as_tensor(v, dtype=torch.long).clone() for k, v in init.items()})
-    sim = WeightSimilarity(structure, params_a, params_b)
+    tol: float,
+    lap: LapMethod,
+    lap_states: dict[tuple[str, ...], LapState | None] | None = None,
+) -> _Descent:
+    """Coordinate descent of LAPs over ties in random order from ``perms`` until an iteration changes nothing
+    (or gains at most ``tol`` relative)."""
+    params_a, params_b = sim.params_a, sim.params_b
     ties = structure.tie_sets()
+    lap_states = {} if lap_states is None else lap_states
     deps = {t: set().union(*(sim.dependencies(g) for g in t)) for t in ties}
     snapshot: dict[tuple[str, ...], dict[str, Tensor]] = {}
-    lap_states: dict[tuple[str, ...], LapState | None] = {}
     gen = torch.Generator().manual_seed(seed)
     # The objective changes by exactly the tie's gain when no tensor has two axes in one tie, so it is tracked
     # incrementally (one exact evaluation at each end); otherwise it is recomputed after every iteration.
@@ -489,12 +559,9 @@ def _weight_matching(
         for g, _ in sim.axes[k]
     )
     objective = weight_objective(structure, params_a, params_b, perms)
-    history = [objective]
-    stopped = "max_iter"
-    iters = solves = 0
-    t_sim = t_lap = 0.0
+    run = _Descent(perms, [objective])
     for it in range(max_iter):
-        iters = it + 1
+        run.iterations = it + 1
         progress = False
         for ti in torch.randperm(len(ties), generator=gen).tolist():
             tie = ties[ti]
@@ -506,9 +573,9 @@ def _weight_matching(
             sims = [sim(g, perms) for g in tie]
             t1 = time.perf_counter()
             new, lap_states[tie] = _solve_tie_warm(structure, tie, sims, lap_states.get(tie), lap)
-            t_lap += time.perf_counter() - t1
-            t_sim += t1 - t0
-            solves += 1
+            run.t_lap += time.perf_counter() - t1
+            run.t_sim += t1 - t0
+            run.solves += 1
             old_v, new_v = _value(sims, [perms[g] for g in tie]), _value(sims, new)
             if new_v > old_v + _REL_TOL * max(1.0, abs(old_v)):
                 for g, p in zip(tie, new, strict=True):
@@ -517,29 +584,89 @@ def _weight_matching(
                 objective += new_v - old_v
         if not incremental:
             objective = weight_objective(structure, params_a, params_b, perms)
-        history.append(objective)
-        logger.info("weight matching: iteration %d, objective %.6g", iters, history[-1])
+        run.history.append(objective)
+        logger.info("weight matching: iteration %d, objective %.6g", run.iterations, run.history[-1])
         if not progress:
-            stopped = "unchanged"
+            run.stopped = "unchanged"
             break
-        if _relative_gain(history[-2], history[-1]) <= tol:
-            stopped = "tol"
+        if _relative_gain(run.history[-2], run.history[-1]) <= tol:
+            run.stopped = "tol"
             break
-    if stopped == "max_iter":
+    if run.stopped == "max_iter":
         logger.warning("weight matching: not converged after max_iter=%d iterations", max_iter)
     if incremental:
-        history[-1] = weight_objective(structure, params_a, params_b, perms)
+        run.history[-1] = weight_objective(structure, params_a, params_b, perms)
+    return run
+
+
+def _weight_matching(
+    structure: Structure,
+    params_a: Mapping[str, Tensor],
+    params_b: Mapping[str, Tensor],
+    *,
+    max_iter: int,
+    seed: int,
+    init: Mapping[str, Tensor] | None = None,
+    tol: float = 0.0,
+    lap: LapMethod = "auto",
+    start: StartKind = "best",
+) -> tuple[Perms, dict]:
+    """Weight matching from ``init`` if given, else from the start(s) ``start`` names (see :func:`match_weights`)."""
+    if max_iter < 1:
+        raise ValueError(f"weight matching: max_iter must be >= 1, got {max_iter}")
+    if not tol >= 0.0:
+        raise ValueError(f"weight matching: tol must be >= 0, got {tol}")
+    if start not in ("best", "identity", "propagate"):
+        raise ValueError(f"weight matching: start={start!r}; choose 'best', 'identity' or 'propagate'")
+    sim = WeightSimilarity(structure, params_a, params_b)
+    kw = {"max_iter": max_iter, "seed": seed, "tol": tol, "lap": lap}
+    starts: dict[str, float] = {}
+    extra = (0, 0.0, 0.0)  # work of a start that was not continued: solves, similarity s, LAP s
+    if init:
+        perms = _identity(structure)
+        perms.update({k: torch.as_tensor(v, dtype=torch.long).clone() for k, v in init.items()})
+        run, used = _descend(structure, sim, perms, **kw), "init"
+    elif start == "identity":
+        run, used = _descend(structure, sim, _identity(structure), **kw), "identity"
+    else:
+        prop, states = _identity(structure), {}
+        cost = _propagate(structure, sim, prop, states, lap)
+        starts["propagate"] = weight_objective(structure, params_a, params_b, prop)
+        run, used = None, "propagate"
+        if starts["propagate"] >= (1.0 - _OPTIMAL_RTOL) * _objective_bound(params_a, params_b):
+            # the Cauchy-Schwarz bound is reached (a permuted copy): the global optimum, nothing to descend
+            run = _Descent(prop, [starts["propagate"]], stopped="optimal")
+            extra = (0, 0.0, 0.0)
+        elif start == "best":
+            # Git Re-Basin's start first; the propagated one replaces it only if it already scores higher than
+            # where descent from the identity ends (descent never lowers the objective, so it can only end higher).
+            run, used = _descend(structure, sim, _identity(structure), **kw), "identity"
+            starts["identity"] = run.history[-1]
+            if starts["propagate"] > run.history[-1] + _REL_TOL * max(1.0, abs(run.history[-1])):
+                extra = (run.solves, run.t_sim, run.t_lap)
+                run, used = None, "propagate"
+        if run is None or used == "propagate":
+            if run is None:
+                run = _descend(structure, sim, prop, lap_states=states, **kw)
+                starts["propagate"] = run.history[-1]
+            extra = tuple(x + y for x, y in zip(extra, cost, strict=True))  # type: ignore[assignment]
+        else:
+            extra = cost
+    if len(starts) > 1:
+        logger.info("weight matching: objective from each start %s; kept %r", starts, used)
     info = {
-        "objective": history,
-        "iterations": iters,
-        "converged": stopped != "max_iter",
-        "stopped": stopped,
+        "objective": run.history,
+        "iterations": run.iterations,
+        "converged": run.stopped != "max_iter",
+        "stopped": run.stopped,
         "tol": tol,
         "lap": lap,
-        "solves": solves,
-        "seconds": {"similarity": t_sim, "lap": t_lap},
+        "start": used,
+        "starts": starts,
+        "solves": run.solves + extra[0],
+        "seconds": {"similarity": run.t_sim + extra[1], "lap": run.t_lap + extra[2]},
     }
-    return perms, info
+    return run.perms, info
 
 
 def match_weights(
@@ -553,6 +680,7 @@ def match_weights(
     init: Mapping[str, Tensor] | None = None,
     tol: float = DEFAULT_TOL,
     lap: LapMethod = "auto",
+    start: StartKind = "best",
 ) -> Alignment:
     """Git Re-Basin weight matching: permute ``model_b``'s units to maximise ``Σ ⟨W_a, π(W_b)⟩``.
 
@@ -567,14 +695,24 @@ def match_weights(
         max_iter: at most this many passes over the groups.
         seed: seed of the visiting order.
         coefficients: averaging weights of (a, b) stored in the alignment (default 0.5/0.5).
-        init: starting permutations of ``model_b`` (default identity).
+        init: starting permutations of ``model_b`` (overrides ``start``).
         tol: relative-gain stopping tolerance; ``0`` runs until an iteration changes nothing (Git Re-Basin).
         lap: LAP solver, ``"auto"`` (sparse + certificate from 768 units), ``"dense"`` or ``"sparse"``.
+        start: where descent starts without ``init``. ``"identity"``: Git Re-Basin's start. ``"propagate"``: one
+            forward sweep that solves each tie only from the terms whose other axes are fixed or already solved
+            (never against a neighbour still in its arbitrary order). ``"best"`` (default): descent from the
+            identity, replaced by descent from the propagated start when that start already scores higher than
+            where the identity run ended. From the identity, the first LAPs fit the noise of neighbours in an
+            arbitrary order and can lock descent far below the optimum (depthwise + squeeze-excite nets: a
+            permuted copy of a model is not recovered); from the propagated start, trained pairs of MLPs end in
+            worse optima (``docs/alignment.md`` §5).
 
     Returns:
         A permutation :class:`Alignment` of the two models. ``info`` holds ``objective`` (after each
-        iteration), ``iterations``, ``stopped`` (``"unchanged"``, ``"tol"`` or ``"max_iter"``), ``converged``,
-        ``solves`` (LAPs solved) and ``seconds`` (time in similarities and in LAPs).
+        iteration of the kept run), ``iterations``, ``stopped`` (``"unchanged"``, ``"tol"``, ``"max_iter"``, or
+        ``"optimal"`` when the propagated start reaches the bound ``Σ ‖W_a‖·‖W_b‖``: no descent needed),
+        ``converged``, ``start`` (the start kept), ``starts`` (the objective each start reached), ``solves`` (LAPs
+        solved, every start included) and ``seconds`` (time in similarities and in LAPs).
 
     Example:
         >>> import torch
@@ -596,6 +734,7 @@ def match_weights(
         init=init,
         tol=tol,
         lap=lap,
+        start=start,
     )
     info = {"method": "weight_matching", **info}
     return Alignment.from_permutations(structure, [{}, perms], coefficients, info)
@@ -634,6 +773,7 @@ def match_weights_many(
     seed: int = 0,
     tol: float = DEFAULT_TOL,
     lap: LapMethod = "auto",
+    start: StartKind = "best",
 ) -> Alignment:
     """Weight matching for N ≥ 2 models: each to a reference, or Re-Basin's MergeMany.
 
@@ -646,7 +786,8 @@ def match_weights_many(
         coefficients: averaging weights (uniform by default).
         max_iter: passes of each inner weight matching, and rounds of MergeMany.
         seed: seed of all visiting orders.
-        tol, lap: stopping tolerance and LAP solver of each inner weight matching (see :func:`match_weights`).
+        tol, lap, start: stopping tolerance, LAP solver and starting point of each inner weight matching (see
+            :func:`match_weights`; MergeMany's rounds start from the current permutations).
 
     Returns:
         A permutation :class:`Alignment` of all models.
@@ -659,7 +800,14 @@ def match_weights_many(
     for i in range(n):
         if i != reference:
             perms[i], infos[i] = _weight_matching(
-                structure, params[reference], params[i], max_iter=max_iter, seed=seed, tol=tol, lap=lap
+                structure,
+                params[reference],
+                params[i],
+                max_iter=max_iter,
+                seed=seed,
+                tol=tol,
+                lap=lap,
+                start=start,
             )
     info: dict = {"method": "weight_matching", "reference": reference, "per_model": infos}
     if merge_many:
