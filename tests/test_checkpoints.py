@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import mergelab
 from mergelab.cli import main
 from mergelab.io import CheckpointError, load, save
 from mergelab.io.sources import open_checkpoint
@@ -171,7 +170,9 @@ def test_inputs_are_checked_before_anything_is_written(tmp_path: Path) -> None:
     a = _zoo(0)
     other = build_model("mlp", (1, 8, 8), 3, width=12, depth=2, norm="batchnorm")
     pa, po = save(a, tmp_path / "a"), save(other, tmp_path / "o")
-    with pytest.raises(ValueError, match=r"tensor 'head\.weight' is float32\[3, 12\] in .*o but float32\[3, 16\]"):
+    with pytest.raises(
+        ValueError, match=r"tensor 'head\.weight' is float32\[3, 12\] in .*o but float32\[3, 16\]"
+    ):
         merge_checkpoints([pa, po], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     half = {k: v.half() if v.is_floating_point() else v for k, v in a.state_dict().items()}

@@ -7,6 +7,7 @@ folder is never overwritten without ``--force``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -212,10 +213,8 @@ def _merge_streamed(args: argparse.Namespace, options: dict[str, Any]) -> int:
     from mergelab.io import CheckpointError, load
     from mergelab.merge.streamed import merge_checkpoints
 
-    try:
+    with contextlib.suppress(CheckpointError):  # a bare .safetensors file or HF folder: no dataset recorded
         _data_from_checkpoint(args, args.checkpoints[0], required=False)
-    except CheckpointError:  # a bare .safetensors file or a Hugging Face folder: no dataset recorded
-        pass
     out = merge_checkpoints(
         args.checkpoints,
         args.out,

@@ -166,7 +166,9 @@ class CheckpointSource:
             while got < t.nbytes:
                 n = os.preadv(fh.fileno(), [view[got:]], t.begin + got)
                 if n <= 0:
-                    raise CheckpointError(f"checkpoint {self.path}: {t.file.name} ends inside tensor {name!r}")
+                    raise CheckpointError(
+                        f"checkpoint {self.path}: {t.file.name} ends inside tensor {name!r}"
+                    )
                 got += n
         return buf.view(t.dtype).reshape(t.shape)
 
@@ -212,7 +214,9 @@ class CheckpointSource:
         self.close()
 
     def __repr__(self) -> str:
-        return f"CheckpointSource({str(self.path)!r}, {self.kind}, {len(self)} tensors, {len(self.files)} files)"
+        return (
+            f"CheckpointSource({str(self.path)!r}, {self.kind}, {len(self)} tensors, {len(self.files)} files)"
+        )
 
 
 def open_checkpoint(path: str | Path) -> CheckpointSource:
@@ -254,7 +258,11 @@ def _locate(path: Path) -> tuple[Path, Kind, tuple[Path, ...]]:
     if (path / WEIGHTS).is_file():
         return path, "huggingface", (path / WEIGHTS,)
     found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    hint = f" (found {found[:3]}: pickle checkpoints are never loaded; convert them to safetensors)" if found else ""
+    hint = (
+        f" (found {found[:3]}: pickle checkpoints are never loaded; convert them to safetensors)"
+        if found
+        else ""
+    )
     raise CheckpointError(f"checkpoint {path}: no {WEIGHTS} or {INDEX}{hint}")
 
 
@@ -311,4 +319,6 @@ def _check_index(folder: Path, tensors: dict[str, TensorInfo]) -> None:
     for name, file in weight_map.items():
         t = tensors.get(name)
         if t is None or t.file.name != file:
-            raise CheckpointError(f"checkpoint {folder}: {INDEX} lists {name!r} in {file}, which does not hold it")
+            raise CheckpointError(
+                f"checkpoint {folder}: {INDEX} lists {name!r} in {file}, which does not hold it"
+            )

@@ -155,7 +155,9 @@ class ShardedWriter:
         if self._next != len(self._order):
             missing = self._order[self._next][1].name
             self.abort()
-            raise ValueError(f"ShardedWriter: closed before {missing!r} and the tensors after it were written")
+            raise ValueError(
+                f"ShardedWriter: closed before {missing!r} and the tensors after it were written"
+            )
         if self._open_shard < 0:  # nothing planned: still write one (empty) file
             self._start_shard(0)
         self._finish_shard()

@@ -350,7 +350,9 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, Tensor]], alignment: Al
     }
 
 
-def merge_tensor(tensors: Sequence[Tensor], items: Sequence[tuple[Group, Axis]], alignment: Alignment) -> Tensor:
+def merge_tensor(
+    tensors: Sequence[Tensor], items: Sequence[tuple[Group, Axis]], alignment: Alignment
+) -> Tensor:
     """One merged tensor ``Σ_i T_i(W_i)`` from the models' copies of it and the group axes it carries (the
     kernel of :func:`merge_state_dicts`, also used when streaming checkpoints tensor by tensor).
 

@@ -172,7 +172,9 @@ def combine_task_vectors(
     if config.sign_election:
         # TIES elects by mass (sign of the sum), not by a head count; a zero sum counts as "+".
         positive = deltas.sum(dim=0) >= 0  # (*shape)
-        agree = torch.where(positive, deltas > 0, deltas < 0)  # (N, *shape); trimmed/dropped zeros never agree
+        agree = torch.where(
+            positive, deltas > 0, deltas < 0
+        )  # (N, *shape); trimmed/dropped zeros never agree
         combined = (deltas * agree).sum(dim=0)
         if config.combine == "mean":
             combined = combined / agree.sum(dim=0).clamp(min=1)
@@ -321,7 +323,9 @@ def merge_task_vectors(
         trimmed = [k for k, v in base_sd.items() if k in param_names and v.is_floating_point()]
         thresholds = global_thresholds(
             (
-                torch.stack([sd[k].detach().to(torch.promote_types(base_sd[k].dtype, torch.float32)) for sd in sds])
+                torch.stack(
+                    [sd[k].detach().to(torch.promote_types(base_sd[k].dtype, torch.float32)) for sd in sds]
+                )
                 - base_sd[k].detach().to(torch.promote_types(base_sd[k].dtype, torch.float32))
                 for k in trimmed
             ),
