@@ -10,11 +10,13 @@ every file is computed while writing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import re
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,8 @@ class ShardedWriter:
         self._hash: Any = None
         self._open_shard = -1
         self.sha256: dict[str, str] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-writer")
+        self._pending: Future[None] | None = None
 
     @property
     def files(self) -> list[str]:
@@ -144,11 +148,23 @@ class ShardedWriter:
             self._finish_shard()
             self._start_shard(shard)
         data = tensor.detach().cpu().contiguous().reshape(-1)
+        self._wait()
         if data.numel():
-            buf = memoryview(data.view(torch.uint8).numpy())
-            self._file.write(buf)
-            self._hash.update(buf)
+            # Writing and hashing release the GIL: done on a helper thread, overlapping the next tensor's
+            # computation. At most one tensor is in flight, so memory stays bounded.
+            self._pending = self._pool.submit(self._append, self._file, self._hash, data)
         self._next += 1
+
+    @staticmethod
+    def _append(file: Any, digest: Any, data: torch.Tensor) -> None:
+        buf = memoryview(data.view(torch.uint8).numpy())
+        file.write(buf)
+        digest.update(buf)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # re-raises a failed write here
 
     def close(self) -> dict[str, str]:
         """Finish the last shard and write the index (when sharded); return file name → sha256."""
@@ -161,6 +177,7 @@ class ShardedWriter:
         if self._open_shard < 0:  # nothing planned: still write one (empty) file
             self._start_shard(0)
         self._finish_shard()
+        self._pool.shutdown()
         if len(self._shards) > 1:
             index = {
                 "metadata": {"total_size": self.total_bytes},
@@ -171,6 +188,9 @@ class ShardedWriter:
 
     def abort(self) -> None:
         """Close any open file without completing it (the caller discards the folder)."""
+        with contextlib.suppress(Exception):  # the write is being abandoned anyway
+            self._wait()
+        self._pool.shutdown()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -196,6 +216,7 @@ class ShardedWriter:
         self._open_shard = i
 
     def _finish_shard(self) -> None:
+        self._wait()
         if self._file is None:
             return
         self._file.close()

@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -126,12 +127,11 @@ def merge_checkpoints(
                 read_bytes = sum(s.nbytes for s in everyone)
                 with _progress(read_bytes * passes, op, progress) as bar:
                     bar.update(read_bytes * (passes - 1))  # the threshold passes already ran
-                    for k in keys:
-                        b = base_src.read(k) if base_src is not None else None
-                        tensors = [s.read(k) for s in sources]
-                        for who, t in zip(names, ([b] if b is not None else []) + tensors, strict=True):
-                            _check_finite(t, who, k, op)
-                        writer.write(k, kernel(k, b, tensors))
+                    for k, read in zip(keys, _prefetch(everyone, keys), strict=True):
+                        b, tensors = (read[0], read[1:]) if base_src is not None else (None, read)
+                        merged = kernel(k, b, tensors)
+                        _check_finite(merged, read, names, k, op)
+                        writer.write(k, merged)
                         bar.update(sum(s.info(k).nbytes for s in everyone))
                 sha = writer.close()
             except BaseException:
@@ -237,6 +237,10 @@ def _aligned_kernel(
     if method == "weight_matching":
         options = {k: v for k, v in options.items() if k != "max_batches"}
     models, default_input = zip(*(_build_module(s, op) for s in sources), strict=True)
+    for m, s in zip(models, sources, strict=True):  # the solver would fail obscurely on NaN
+        for k, t in m.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{op}: {s.path}: tensor {k!r} has non-finite values (NaN or inf)")
     if example_input is None and data is None:
         example_input = default_input[0]
     alignment = align(list(models), method, data, example_input=example_input, **options)  # type: ignore[arg-type]
@@ -380,9 +384,37 @@ def _write_config(
     (folder / PROVENANCE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
 
 
-def _check_finite(t: Tensor, who: str, key: str, op: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{op}: {who}: tensor {key!r} has non-finite values (NaN or inf)")
+def _prefetch(sources: Sequence[CheckpointSource], keys: Sequence[str]) -> Iterator[list[Tensor]]:
+    """Every source's copy of each key in turn, reading the next key on a helper thread (reads release the GIL)
+    while the caller merges the current one; at most one key is read ahead."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-reader") as pool:
+        read = lambda k: [s.read(k) for s in sources]  # noqa: E731
+        ahead = pool.submit(read, keys[0]) if keys else None
+        for i in range(len(keys)):
+            assert ahead is not None
+            current = ahead.result()
+            ahead = pool.submit(read, keys[i + 1]) if i + 1 < len(keys) else None
+            yield current
+            del current
+
+
+def _check_finite(merged: Tensor, inputs: Sequence[Tensor], names: Sequence[str], key: str, op: str) -> None:
+    """Refuse non-finite inputs, naming the first, and a merged tensor that overflowed.
+
+    Every kernel propagates a NaN or inf of any input into its output (sums, products with masks and
+    coefficients, permutations all do), so one cheap reduction over the output replaces a check of every input;
+    only when it fails are the inputs searched.
+    """
+    if (
+        not merged.is_floating_point()
+        or bool(torch.isfinite(merged.sum()))
+        or bool(torch.isfinite(merged).all())
+    ):
+        return  # a non-finite sum of finite entries is an overflow of the sum only
+    for t, who in zip(inputs, names, strict=True):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{op}: {who}: tensor {key!r} has non-finite values (NaN or inf)")
+    raise ValueError(f"{op}: merged tensor {key!r} overflows its dtype {merged.dtype} (inputs are finite)")
 
 
 def _fmt(dtype: torch.dtype, shape: tuple[int, ...]) -> str:

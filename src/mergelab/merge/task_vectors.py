@@ -181,8 +181,8 @@ def combine_task_vectors(
     else:
         combined = deltas.sum(dim=0)
         if config.combine == "mean":
-            combined = combined / n
-    return config.scaling * combined
+            combined.div_(n)
+    return combined.mul_(config.scaling)  # combined is always a fresh tensor here
 
 
 def _trim(deltas: torch.Tensor, density: float) -> torch.Tensor:
@@ -243,7 +243,7 @@ def merge_task_vector_tensor(
     for i, t in enumerate(tensors):
         torch.sub(t.detach().to(device=b.device, dtype=work), b, out=deltas[i])
     generator = torch.Generator().manual_seed(task_vector_seed(seed, name)) if config.drop_rate > 0 else None
-    return (b + combine_task_vectors(deltas, config, generator, thresholds)).to(base.dtype)  # (*shape)
+    return combine_task_vectors(deltas, config, generator, thresholds).add_(b).to(base.dtype)  # (*shape)
 
 
 def global_thresholds(deltas_per_tensor: Iterable[torch.Tensor], density: float) -> torch.Tensor:
