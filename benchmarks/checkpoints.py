@@ -42,6 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = 2048  # tensors of SIDE × SIDE float32 = 16 MiB
 LAMBDA = 0.3
+IN_MEMORY = ("mergelab-memory", "fusionbench")
 DENSITY = 0.2
 
 
@@ -272,6 +273,12 @@ def main() -> None:
     p.add_argument(
         "--aligned", action="store_true", help="also weight matching of two zoo MLPs of --size-mib"
     )
+    p.add_argument(
+        "--max-flat-mib",
+        type=int,
+        default=256,
+        help="run the in-memory global TIES (about 20× one model in RAM) only up to this input size",
+    )
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--base", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -321,6 +328,9 @@ def main() -> None:
                     continue  # mergekit trims per tensor only
                 if tool == "fusionbench" and name == "ties" and trim == "per_tensor":
                     continue  # FusionBench trims the flattened model only
+                if tool in IN_MEMORY and method == "ties-global" and args.size_mib > args.max_flat_mib:
+                    print(f"{method:16s} {tool:16s} skipped: flattens every model in memory (~20× one model)")
+                    continue
                 out = folder / f"out-{method}-{tool}"
                 r = run_one(tool, method, inputs, base, out)
                 if "error" in r:
