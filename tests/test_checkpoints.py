@@ -301,3 +301,30 @@ def test_cli_merges_sharded_hf_folders_into_a_loadable_model(gpt2_folders: tuple
     assert torch.isfinite(merged(ids).logits).all()
     with open_checkpoint(out) as src:
         src.verify_checksums()  # recorded in mergelab.json
+
+
+def test_cli_weight_matching_on_hf_folders_undoes_a_hidden_permutation(
+    gpt2_folders: tuple, tmp_path: Path
+) -> None:
+    from mergelab.structure import discover_structure, permute
+    from mergelab.structure.transform import random_permutations
+
+    g0, _, cls = gpt2_folders
+    model = cls.from_pretrained(g0).eval()
+    model.config.use_cache = False
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    structure = discover_structure(model, {"input_ids": ids})
+    permuted = permute(model, structure, random_permutations(structure, 0))
+    permuted.save_pretrained(tmp_path / "perm")
+    with torch.no_grad():
+        assert torch.allclose(permuted(ids).logits, model(ids).logits, atol=1e-5)
+    out = tmp_path / "wm"
+    assert (
+        main(
+            ["merge", str(g0), str(tmp_path / "perm"), "--method", "weight_matching", "--out", str(out), "-q"]
+        )
+        == 0
+    )
+    merged = cls.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
