@@ -171,13 +171,12 @@ def combine_task_vectors(
         deltas = deltas * keep.to(deltas.device) / (1.0 - config.drop_rate)
     if config.sign_election:
         # TIES elects by mass (sign of the sum), not by a head count; a zero sum counts as "+".
-        positive = deltas.sum(dim=0) >= 0  # (*shape)
-        agree = torch.where(
-            positive, deltas > 0, deltas < 0
-        )  # (N, *shape); trimmed/dropped zeros never agree
-        combined = (deltas * agree).sum(dim=0)
+        elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)  # (*shape)
+        # 1 where an entry is non-zero with the elected sign (trimmed/dropped zeros never agree), else 0
+        agree = (deltas * elected > 0).to(deltas.dtype)  # (N, *shape)
+        combined = deltas.mul_(agree).sum(dim=0)
         if config.combine == "mean":
-            combined = combined / agree.sum(dim=0).clamp(min=1)
+            combined.div_(agree.sum(dim=0).clamp_(min=1))
     else:
         combined = deltas.sum(dim=0)
         if config.combine == "mean":
