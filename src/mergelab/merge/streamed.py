@@ -315,14 +315,18 @@ def _global_thresholds(
     numel = sum(int(torch.Size(base.info(k).shape).numel()) for k in params)
     k_keep = keep_count(density, numel)
 
-    def magnitudes() -> Iterable[Tensor]:
-        for key in params:
-            b = base.read(key).to(work)
-            yield torch.stack([(s.read(key).to(work) - b).abs().reshape(-1) for s in sources])  # (N, numel)
+    def magnitudes() -> Iterator[Tensor]:
+        for read in _prefetch([base, *sources], params):
+            b = read[0].to(work).reshape(-1)
+            mags = torch.empty(n, b.numel(), dtype=work)  # (N, numel)
+            for i, t in enumerate(read[1:]):
+                torch.sub(t.to(work).reshape(-1), b, out=mags[i]).abs_()
+            del read, b
+            yield mags
 
     hist = torch.zeros(n, 1 << 16, dtype=torch.int64)
     for mags in magnitudes():
-        top = (mags.view(ibits) >> shift).long()  # (N, numel), in [0, 2^16)
+        top = mags.view(ibits) >> shift  # (N, numel), in [0, 2^16)
         for i in range(n):
             hist[i] += torch.bincount(top[i], minlength=1 << 16)
     above = hist.flip(1).cumsum(1)  # (N, bins): entries in this bin or higher
@@ -331,7 +335,7 @@ def _global_thresholds(
     rank = k_keep - (above.gather(1, idx[:, None]).squeeze(1) - hist.gather(1, bins[:, None]).squeeze(1))
     picked: list[list[Tensor]] = [[] for _ in range(n)]
     for mags in magnitudes():
-        top = (mags.view(ibits) >> shift).long()
+        top = mags.view(ibits) >> shift
         for i in range(n):
             picked[i].append(mags[i][top[i] == bins[i]])
     out = torch.empty(n, dtype=work)
