@@ -31,10 +31,11 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-bench: setup  ## zoo accuracies, then matching speed/quality vs the rebasin package (installs the bench extra)
+bench: setup  ## zoo accuracies, matching vs rebasin, checkpoint merging vs mergekit/FusionBench (installs the bench extra)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[bench]"
 	$(PY) benchmarks/zoo_accuracy.py
 	$(PY) benchmarks/matching.py
+	$(PY) benchmarks/checkpoints.py --size-mib 256
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -31,6 +31,8 @@ _EXPORTS: dict[str, str] = {
     "split_classes": "mergelab.data",
     "save": "mergelab.io",
     "load": "mergelab.io",
+    "open_checkpoint": "mergelab.io",
+    "merge_checkpoints": "mergelab.merge.streamed",
     "discover_structure": "mergelab.structure",
     "permute": "mergelab.structure",
     "interpolate": "mergelab.analysis.interpolate",

@@ -7,6 +7,7 @@ folder is never overwritten without ``--force``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -160,11 +161,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from mergelab.merge import get_method, merge
 
     info = get_method(args.method)
-    out = prepare_run_dir(args.out, force=args.force)
-    models = [load(p) for p in args.checkpoints]
     options = _parse_kv(args.option)
     if args.coefficients:
         options["coefficients"] = [float(c) for c in args.coefficients.split(",")]
+    if args.method in _STREAMED and not args.repair:
+        return _merge_streamed(args, options)
+    out = prepare_run_dir(args.out, force=args.force)
+    models = [load(p) for p in args.checkpoints]
     if args.base:
         options["base"] = load(args.base)
     if args.repair:
@@ -199,6 +202,45 @@ def cmd_merge(args: argparse.Namespace) -> int:
     }
     save(merged, out, metadata=meta, force=True)
     print(f"merged ({args.method}) → {out}")
+    return 0
+
+
+_STREAMED = ("average", "task_arithmetic", "ties", "dare", "weight_matching")
+
+
+def _merge_streamed(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """Merge checkpoint files tensor by tensor (any safetensors form); evaluate when a dataset is known."""
+    from mergelab.io import CheckpointError, load
+    from mergelab.merge.streamed import merge_checkpoints
+
+    with contextlib.suppress(CheckpointError):  # a bare .safetensors file or HF folder: no dataset recorded
+        _data_from_checkpoint(args, args.checkpoints[0], required=False)
+    out = merge_checkpoints(
+        args.checkpoints,
+        args.out,
+        method=args.method,
+        base=args.base,
+        max_shard_size=args.max_shard_size,
+        progress=not args.quiet and sys.stderr.isatty(),
+        force=args.force,
+        **options,
+    )
+    if args.data:
+        from mergelab.evaluation import evaluate
+        from mergelab.io import read_config
+
+        splits = _load_data(args)
+        metrics: dict[str, Any] = {}
+        for i, p in enumerate(args.checkpoints):
+            metrics[f"model{i}"] = {"path": str(p), **evaluate(load(p), _loader(splits.test)).to_dict()}
+        metrics["merged"] = evaluate(load(out), _loader(splits.test)).to_dict()
+        for k, v in metrics.items():
+            print(f"{k:8s} test accuracy {v['accuracy']:.4f}  loss {v['loss']:.4f}")
+        cfg = read_config(out)
+        cfg["metadata"]["dataset"] = {"name": args.data, "seed": args.data_seed, "root": args.data_root}
+        cfg["metadata"]["metrics"] = metrics
+        (Path(out) / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    print(f"merged ({args.method}, streamed) → {out}")
     return 0
 
 
@@ -332,13 +374,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("merge", help="merge checkpoints into one model")
-    p.add_argument("checkpoints", nargs="+", help="two or more checkpoint folders")
+    p = sub.add_parser(
+        "merge",
+        help="merge checkpoints into one model",
+        description="Merge checkpoints: mergelab run folders, .safetensors files or Hugging Face folders "
+        "(sharded or not). average, task_arithmetic, ties, dare and weight_matching stream tensor by tensor "
+        "and write sharded safetensors (Hugging Face folders stay loadable with from_pretrained); the other "
+        "methods, and --repair, load zoo models into memory.",
+    )
+    p.add_argument("checkpoints", nargs="+", help="checkpoints: run folders, .safetensors files, HF folders")
     p.add_argument("--method", default="average", help="merge method (see `mergelab list`)")
     _add_data_args(p, required=False)
     p.add_argument("--out", required=True, help="checkpoint folder for the merged model")
     p.add_argument("--coefficients", default=None, help="comma-separated weights, one per model")
     p.add_argument("--base", default=None, help="base checkpoint (task_arithmetic, ties, dare)")
+    p.add_argument(
+        "--max-shard-size",
+        default=None,
+        help="split the output into shards of at most this size, e.g. 5GB or 500MB (streamed methods)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--repair", default=None, choices=["reset", "repair"], help="BatchNorm reset or REPAIR")
     p.add_argument(
         "--option",

@@ -4,5 +4,18 @@ from __future__ import annotations
 
 from mergelab.io.checkpoint import CONFIG, WEIGHTS, CheckpointError, load, read_config, save
 from mergelab.io.run_dir import prepare_run_dir
+from mergelab.io.sources import CheckpointSource, open_checkpoint
+from mergelab.io.writer import ShardedWriter
 
-__all__ = ["CONFIG", "WEIGHTS", "CheckpointError", "load", "prepare_run_dir", "read_config", "save"]
+__all__ = [
+    "CONFIG",
+    "WEIGHTS",
+    "CheckpointError",
+    "CheckpointSource",
+    "ShardedWriter",
+    "load",
+    "open_checkpoint",
+    "prepare_run_dir",
+    "read_config",
+    "save",
+]

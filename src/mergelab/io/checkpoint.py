@@ -58,10 +58,13 @@ def save(
     path = prepare_run_dir(path, force=force)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(tensors, str(path / WEIGHTS))
+    from mergelab.io.sources import file_sha256
+
     config = {
         "mergelab_version": __version__,
         "model": getattr(model, "mergelab_spec", None),
         "metadata": dict(metadata or {}),
+        "weights": {WEIGHTS: {"sha256": file_sha256(path / WEIGHTS)}},  # verified by load()
     }
     (path / CONFIG).write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
     return path
@@ -88,20 +91,20 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model saved at ``path`` and load its weights bit-exactly.
 
     Args:
-        path: a checkpoint folder (or its ``model.safetensors``).
+        path: a checkpoint folder, or one ``.safetensors`` file in it (then exactly that file's weights are
+            loaded into the model the folder's ``config.json`` describes); a sharded folder is read too.
         model: a module to load into, for models not built by the zoo; its names and shapes must match.
 
     Raises:
-        CheckpointError: missing or corrupt files, or weights that do not fit the model.
+        CheckpointError: missing or corrupt files, a weights file whose sha256 differs from the one recorded
+            at save time, non-finite weights (naming the tensor), or weights that do not fit the model.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from mergelab.io.sources import open_checkpoint
 
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     folder = path if path.is_dir() else path.parent
-    weights = folder / WEIGHTS
     if model is None:
         cfg = read_config(folder)
         spec = cfg.get("model")
@@ -117,13 +120,15 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {folder}: cannot rebuild model from {spec}: {e}") from e
-    if not weights.is_file():
+    if path.is_dir() and not any((folder / f).is_file() for f in (WEIGHTS, "model.safetensors.index.json")):
         raise CheckpointError(f"checkpoint {folder}: {WEIGHTS} is missing")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {folder}: {WEIGHTS} is corrupt ({e})") from e
-    _check_fits(model, tensors, folder)
+    with open_checkpoint(path) as src:
+        src.verify_checksums()
+        tensors = src.state_dict()
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"checkpoint {path}: tensor {k!r} has non-finite values (NaN or inf)")
+    _check_fits(model, tensors, path)
     model.load_state_dict(tensors, strict=True)
     model.eval()
     return model

@@ -35,7 +35,9 @@ __all__ = [
     "apply_alignment",
     "identity_alignment",
     "merge_state_dicts",
+    "merge_tensor",
     "permute_tensor",
+    "tensor_axes",
     "to_basis",
     "transform_tensor",
     "validate_permutation",
@@ -342,28 +344,48 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, Tensor]], alignment: Al
             f"merge_state_dicts: {len(state_dicts)} state dicts for an alignment of {alignment.num_models} models"
         )
     axes = _check_structure(alignment.structure, state_dicts[0], "merge_state_dicts")
+    return {
+        key: merge_tensor([sd[key] for sd in state_dicts], axes.get(key, []), alignment)
+        for key in state_dicts[0]
+    }
+
+
+def merge_tensor(
+    tensors: Sequence[Tensor], items: Sequence[tuple[Group, Axis]], alignment: Alignment
+) -> Tensor:
+    """One merged tensor ``Σ_i T_i(W_i)`` from the models' copies of it and the group axes it carries (the
+    kernel of :func:`merge_state_dicts`, also used when streaming checkpoints tensor by tensor).
+
+    Args:
+        tensors: model ``i``'s tensor, for every model.
+        items: ``(group, axis)`` pairs of the structure that touch this tensor (empty: plain weighted average).
+        alignment: the correspondence.
+
+    Returns:
+        A new tensor in the first one's dtype; a non-floating tensor is copied from model 0.
+    """
+    v0 = tensors[0]
+    if not v0.is_floating_point():
+        return v0.clone()
     coefs = alignment.coefficients
-    out: dict[str, Tensor] = {}
+    has_out = any(a.role == "out" for _, a in items)
+    total: Tensor | None = None
     with torch.no_grad():
-        for key, v0 in state_dicts[0].items():
-            if not v0.is_floating_point():
-                out[key] = v0.clone()
-                continue
-            items = axes.get(key, [])
-            has_out = any(a.role == "out" for _, a in items)
-            total: Tensor | None = None
-            for i, sd in enumerate(state_dicts):
-                w = sd[key]
-                if alignment.perms is not None:
-                    t = permute_tensor(w, [(a, alignment.perms[i][g.name]) for g, a in items]) * coefs[i]
-                else:
-                    t = transform_tensor(w, tensor_ops(items, alignment, i))
-                    if not has_out:
-                        t = t * coefs[i]
-                total = t if total is None else total + t
-            assert total is not None
-            out[key] = total.to(v0.dtype)
-    return out
+        for i, w in enumerate(tensors):
+            if alignment.perms is not None:
+                t = permute_tensor(w, [(a, alignment.perms[i][g.name]) for g, a in items]) * coefs[i]
+            else:
+                t = transform_tensor(w, tensor_ops(items, alignment, i))
+                if not has_out:
+                    t = t * coefs[i]
+            total = t if total is None else total + t
+    assert total is not None
+    return total.to(v0.dtype)
+
+
+def tensor_axes(structure: Structure) -> dict[str, list[tuple[Group, Axis]]]:
+    """``state_dict`` key → the ``(group, axis)`` pairs that touch it."""
+    return _param_axes(structure)
 
 
 def apply_alignment(models: Sequence[nn.Module], alignment: Alignment) -> nn.Module:

@@ -48,13 +48,20 @@ def average_state_dicts(
     state_dicts: Sequence[dict[str, torch.Tensor]], coefficients: Sequence[float]
 ) -> dict[str, torch.Tensor]:
     """Weighted average of float tensors; integer buffers (BatchNorm's counter) come from the first."""
-    out: dict[str, torch.Tensor] = {}
-    for k, v in state_dicts[0].items():
-        if v.is_floating_point():
-            out[k] = sum(c * sd[k] for c, sd in zip(coefficients, state_dicts, strict=True))
-        else:
-            out[k] = v.clone()
-    return out
+    return {k: average_tensors([sd[k] for sd in state_dicts], coefficients) for k in state_dicts[0]}
+
+
+def average_tensors(tensors: Sequence[torch.Tensor], coefficients: Sequence[float]) -> torch.Tensor:
+    """``Σ_i c_i t_i`` accumulated in order in at least float32, cast back to the first tensor's dtype; a
+    non-floating tensor is copied from the first. The one kernel of in-memory and streamed averaging."""
+    first = tensors[0]
+    if not first.is_floating_point():
+        return first.clone()
+    work = torch.promote_types(first.dtype, torch.float32)
+    acc = torch.mul(tensors[0].detach().to(work), coefficients[0])
+    for c, t in zip(coefficients[1:], tensors[1:], strict=True):
+        acc.add_(t.detach().to(work), alpha=c)
+    return acc.to(first.dtype)
 
 
 @register_method("average", paper="https://arxiv.org/abs/2203.05482")

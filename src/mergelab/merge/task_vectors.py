@@ -37,9 +37,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -51,7 +52,11 @@ __all__ = [
     "TaskVectorConfig",
     "combine_task_vectors",
     "dare",
+    "global_thresholds",
+    "keep_count",
+    "merge_task_vector_tensor",
     "merge_task_vectors",
+    "task_vector_recipe",
     "task_arithmetic",
     "ties",
 ]
@@ -59,6 +64,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Combine = Literal["sum", "mean"]
+Trim = Literal["per_tensor", "global"]
 
 TASK_ARITHMETIC_PAPER = "https://arxiv.org/abs/2212.04089"  # Ilharco et al., ICLR 2023
 TIES_PAPER = "https://arxiv.org/abs/2306.01708"  # Yadav et al., NeurIPS 2023
@@ -71,8 +77,11 @@ class TaskVectorConfig:
 
     Attributes:
         scaling: λ, multiplies the combined task vector before it is added to the base.
-        density: fraction of each task vector's entries kept per tensor, largest magnitudes first (TIES trim);
-            1 keeps everything.
+        density: fraction of each task vector's entries kept, largest magnitudes first (TIES trim); 1 keeps
+            everything. See :func:`keep_count` for the rounding rule.
+        trim: where the top-k is taken: ``"per_tensor"`` (each tensor keeps its own top fraction, so every layer
+            keeps some change; mergekit's choice) or ``"global"`` (the paper's: one top-k over the model's whole
+            flattened task vector, all floating parameters together; layers with small changes may lose all).
         drop_rate: probability p of dropping each entry of each task vector; survivors are rescaled by
             ``1 / (1 - p)`` so the expectation is unchanged (DARE); 0 drops nothing.
         sign_election: elect a sign per entry from the sum of the (edited) task vectors and combine only the
@@ -86,6 +95,7 @@ class TaskVectorConfig:
     drop_rate: float = 0.0
     sign_election: bool = False
     combine: Combine = "sum"
+    trim: Trim = "per_tensor"
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.scaling):
@@ -96,18 +106,48 @@ class TaskVectorConfig:
             raise ValueError(f"task vectors: drop_rate must be in [0, 1), got {self.drop_rate!r}")
         if self.combine not in ("sum", "mean"):
             raise ValueError(f"task vectors: combine must be 'sum' or 'mean', got {self.combine!r}")
+        if self.trim not in ("per_tensor", "global"):
+            raise ValueError(f"task vectors: trim must be 'per_tensor' or 'global', got {self.trim!r}")
+
+    @property
+    def trims(self) -> bool:
+        return self.density < 1.0
+
+    @property
+    def global_trim(self) -> bool:
+        return self.trims and self.trim == "global"
+
+
+def keep_count(density: float, numel: int) -> int:
+    """How many entries a trim to ``density`` keeps out of ``numel``: ``ceil(density · numel)``, at least 1.
+
+    The product is rounded to 6 decimals first so that e.g. 0.2 · 10 counts as 2, not 3. The trim keeps every
+    entry whose magnitude is at least the ``k``-th largest magnitude, so ties at the threshold are all kept.
+    This is the TIES paper's code whenever ``density · numel`` is not an integer (it keeps entries ≥ the
+    ``(numel − int(density·numel))``-th smallest, i.e. ``int(density·numel) + 1`` of them); mergekit keeps exactly
+    ``int(density·numel)`` (its result can differ by the one entry at the threshold).
+    """
+    if numel <= 0:
+        return 0
+    return min(numel, max(1, math.ceil(round(density * numel, 6))))
 
 
 def combine_task_vectors(
-    deltas: torch.Tensor, config: TaskVectorConfig, generator: torch.Generator | None = None
+    deltas: torch.Tensor,
+    config: TaskVectorConfig,
+    generator: torch.Generator | None = None,
+    thresholds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Edit and combine the task vectors of one tensor: trim, drop, elect signs, sum or mean, scale.
 
     Args:
         deltas: ``(N, *shape)`` stacked task vectors ``theta_i - theta_base`` of one tensor, floating point.
+            It may be modified in place (pass a copy if you need it afterwards).
         config: the recipe.
         generator: CPU random generator for DARE's drops (drawn on the CPU so that a seed gives the same
             masks on every device); a fresh unseeded one is used if omitted.
+        thresholds: ``(N,)`` magnitudes for ``trim="global"``: model ``i`` keeps the entries with
+            ``|delta| >= thresholds[i]`` (see :func:`global_thresholds`).
 
     Returns:
         ``scaling * combined`` with shape ``shape``; add it to the base tensor.
@@ -119,36 +159,109 @@ def combine_task_vectors(
         tensor([3.])
     """
     n = deltas.shape[0]
-    if config.density < 1.0:
-        deltas = _trim(deltas, config.density)
+    if config.trims:
+        if config.trim == "global":
+            if thresholds is None:
+                raise ValueError("task vectors: trim='global' needs thresholds= (see global_thresholds)")
+            deltas = _trim_at(deltas, thresholds)
+        else:
+            deltas = _trim(deltas, config.density)
     if config.drop_rate > 0.0:
         keep = torch.rand(deltas.shape, generator=generator) >= config.drop_rate  # (N, *shape)
         deltas = deltas * keep.to(deltas.device) / (1.0 - config.drop_rate)
     if config.sign_election:
         # TIES elects by mass (sign of the sum), not by a head count; a zero sum counts as "+".
         elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)  # (*shape)
-        agree = torch.sign(deltas) == elected  # (N, *shape); trimmed/dropped zeros never agree
-        combined = (deltas * agree).sum(dim=0)
+        # 1 where an entry is non-zero with the elected sign (trimmed/dropped zeros never agree), else 0
+        agree = (deltas * elected > 0).to(deltas.dtype)  # (N, *shape)
+        combined = deltas.mul_(agree).sum(dim=0)
         if config.combine == "mean":
-            combined = combined / agree.sum(dim=0).clamp(min=1)
+            combined.div_(agree.sum(dim=0).clamp_(min=1))
     else:
         combined = deltas.sum(dim=0)
         if config.combine == "mean":
-            combined = combined / n
-    return config.scaling * combined
+            combined.div_(n)
+    return combined.mul_(config.scaling)  # combined is always a fresh tensor here
 
 
 def _trim(deltas: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but each row's ``round(density * numel)`` (at least one) largest-magnitude entries."""
+    """Per row, keep the entries at least as large in magnitude as the row's ``keep_count``-th largest."""
     n = deltas.shape[0]
     flat = deltas.reshape(n, -1)  # (N, numel)
     numel = flat.shape[1]
-    k = max(1, round(density * numel))
-    if k >= numel:
+    k = keep_count(density, numel)
+    if k >= numel or numel == 0:
         return deltas
-    idx = flat.abs().topk(k, dim=1).indices  # (N, k)
-    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True)
-    return (flat * mask).reshape(deltas.shape)
+    mag = flat.abs()  # (N, numel)
+    thr = mag.kthvalue(numel - k + 1, dim=1, keepdim=True).values  # (N, 1): the k-th largest
+    return deltas.masked_fill_((mag < thr).reshape(deltas.shape), 0.0)
+
+
+def _trim_at(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    thr = thresholds.to(deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))  # (N, 1, ...)
+    return deltas.masked_fill_(deltas.abs() < thr, 0.0)
+
+
+def task_vector_seed(seed: int, name: str) -> int:
+    """The seed of one tensor's DARE drops: a function of the merge seed and the tensor name only, so the drops
+    do not depend on the order in which tensors are visited (in memory or streamed from disk)."""
+    return (int(seed) * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63)
+
+
+def merge_task_vector_tensor(
+    name: str,
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    config: TaskVectorConfig,
+    *,
+    statistic: bool = False,
+    seed: int = 0,
+    thresholds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One tensor of a task-vector merge (what :func:`merge_task_vectors` does for each ``state_dict`` entry).
+
+    Args:
+        name: the tensor's name (seeds DARE's drops with ``seed``).
+        base: the base model's tensor.
+        tensors: the fine-tuned models' tensors, same shape.
+        config: the recipe.
+        statistic: a floating buffer (BatchNorm running statistics): the plain average of ``tensors``.
+        seed: the merge seed.
+        thresholds: per-model magnitudes for ``trim="global"``.
+
+    Returns:
+        The merged tensor, in ``base``'s dtype; integer tensors are copied from ``base``.
+    """
+    if not base.is_floating_point():
+        return base.clone()
+    work = torch.promote_types(base.dtype, torch.float32)
+    if statistic:  # a statistic, not a trained weight: average it (see module docstring)
+        return torch.stack([t.to(work) for t in tensors]).mean(dim=0).to(base.dtype)
+    b = base.detach().to(work)
+    deltas = torch.empty((len(tensors), *b.shape), dtype=work, device=b.device)  # (N, *shape)
+    for i, t in enumerate(tensors):
+        torch.sub(t.detach().to(device=b.device, dtype=work), b, out=deltas[i])
+    generator = torch.Generator().manual_seed(task_vector_seed(seed, name)) if config.drop_rate > 0 else None
+    return combine_task_vectors(deltas, config, generator, thresholds).add_(b).to(base.dtype)  # (*shape)
+
+
+def global_thresholds(deltas_per_tensor: Iterable[torch.Tensor], density: float) -> torch.Tensor:
+    """Per model, the ``keep_count``-th largest magnitude over all of its task vector's entries (global trim).
+
+    Args:
+        deltas_per_tensor: ``(N, *shape_t)`` task vectors of each floating parameter tensor ``t``.
+        density: the fraction to keep.
+
+    Returns:
+        ``(N,)`` thresholds in float32 (float64 if any tensor is).
+    """
+    mags = [d.reshape(d.shape[0], -1).abs() for d in deltas_per_tensor]
+    if not mags:
+        raise ValueError("task vectors: trim='global' found no floating parameters")
+    flat = torch.cat([m.to(torch.promote_types(m.dtype, mags[0].dtype)) for m in mags], dim=1)  # (N, total)
+    numel = flat.shape[1]
+    k = keep_count(density, numel)
+    return flat.kthvalue(numel - k + 1, dim=1).values  # (N,)
 
 
 def merge_task_vectors(
@@ -204,21 +317,31 @@ def merge_task_vectors(
     param_names = {name for name, _ in base.named_parameters(remove_duplicate=False)}
     base_sd = base.state_dict()
     sds = [m.state_dict() for m in models]
-    generator = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for name, b in base_sd.items():
-        if not b.is_floating_point():
-            out[name] = b.clone()
-            continue
-        work = torch.promote_types(b.dtype, torch.float32)
-        if name not in param_names:  # a statistic, not a trained weight: average it (see module docstring)
-            out[name] = (
-                torch.stack([sd[name].to(device=b.device, dtype=work) for sd in sds]).mean(dim=0).to(b.dtype)
-            )
-            continue
-        b_work = b.detach().to(work)
-        deltas = torch.stack([sd[name].detach().to(device=b.device, dtype=work) - b_work for sd in sds])
-        out[name] = (b_work + combine_task_vectors(deltas, config, generator)).to(b.dtype)  # (*shape)
+    thresholds = None
+    if config.global_trim:
+        trimmed = [k for k, v in base_sd.items() if k in param_names and v.is_floating_point()]
+        thresholds = global_thresholds(
+            (
+                torch.stack(
+                    [sd[k].detach().to(torch.promote_types(base_sd[k].dtype, torch.float32)) for sd in sds]
+                )
+                - base_sd[k].detach().to(torch.promote_types(base_sd[k].dtype, torch.float32))
+                for k in trimmed
+            ),
+            config.density,
+        )
+    out = {
+        name: merge_task_vector_tensor(
+            name,
+            b,
+            [sd[name] for sd in sds],
+            config,
+            statistic=name not in param_names,
+            seed=seed,
+            thresholds=thresholds,
+        )
+        for name, b in base_sd.items()
+    }
     merged = copy.deepcopy(base)
     merged.load_state_dict(out)
     log.debug("%s: merged %d models into base with %s", op, len(models), config)
@@ -256,8 +379,8 @@ def task_arithmetic(
         True
     """
     del data
-    lam = 1.0 / len(models) if scaling is None else float(scaling)
-    return merge_task_vectors(models, base, TaskVectorConfig(scaling=lam), op="task_arithmetic")
+    config, _ = task_vector_recipe("task_arithmetic", len(models), scaling=scaling)
+    return merge_task_vectors(models, base, config, op="task_arithmetic")
 
 
 @register_method("ties", paper=TIES_PAPER)
@@ -268,6 +391,7 @@ def ties(
     base: nn.Module | None = None,
     scaling: float = 1.0,
     density: float = 0.2,
+    trim: Trim = "per_tensor",
 ) -> nn.Module:
     """TIES: trim task vectors to their top entries, elect signs by mass, disjoint mean (Yadav et al. 2023).
 
@@ -277,8 +401,10 @@ def ties(
         base: the pre-trained model (required).
         scaling: λ; the paper's default without validation data is 1 (the disjoint mean already has the
             scale of one task vector).
-        density: fraction of entries of each task vector kept, per tensor (the paper's top-k%, default
-            k = 20). The paper ranks over the whole flattened model; per tensor keeps every layer alive.
+        density: fraction of entries of each task vector kept (the paper's top-k%, default k = 20); the count
+            is ``ceil(density · n)`` with ties at the threshold kept (see :func:`keep_count`).
+        trim: ``"per_tensor"`` (default: each tensor keeps its top fraction, every layer stays alive, as in
+            mergekit) or ``"global"`` (the paper: one top-k over the whole flattened task vector).
 
     Returns:
         A new model.
@@ -293,7 +419,7 @@ def ties(
         >>> m = merge([a, b], method="ties", base=base, density=0.5)
     """
     del data
-    config = TaskVectorConfig(scaling=scaling, density=density, sign_election=True, combine="mean")
+    config, _ = task_vector_recipe("ties", len(models), scaling=scaling, density=density, trim=trim)
     return merge_task_vectors(models, base, config, op="ties")
 
 
@@ -334,7 +460,56 @@ def dare(
         >>> m = merge([a, b], method="dare", base=base, drop_rate=0.3, sign_election=True, seed=1)
     """
     del data
-    config = TaskVectorConfig(
-        scaling=scaling, drop_rate=drop_rate, sign_election=sign_election, combine=combine
+    config, seed = task_vector_recipe(
+        "dare",
+        len(models),
+        scaling=scaling,
+        drop_rate=drop_rate,
+        combine=combine,
+        sign_election=sign_election,
+        seed=seed,
     )
     return merge_task_vectors(models, base, config, seed=seed, op="dare")
+
+
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "task_arithmetic": {"scaling": None},
+    "ties": {"scaling": 1.0, "density": 0.2, "trim": "per_tensor"},
+    "dare": {"scaling": 1.0, "drop_rate": 0.5, "combine": "mean", "sign_election": False, "seed": 0},
+}
+
+
+def task_vector_recipe(method: str, n_models: int, **options: Any) -> tuple[TaskVectorConfig, int]:
+    """The :class:`TaskVectorConfig` and seed of a registered method with its options (defaults filled in).
+
+    One place maps method options to recipes, so the in-memory methods and the streamed checkpoint merge
+    (:mod:`mergelab.merge.streamed`) cannot drift apart.
+
+    Raises:
+        TypeError: an option the method does not take.
+    """
+    if method not in _DEFAULTS:
+        raise ValueError(f"task vectors: unknown method {method!r}; choose one of {sorted(_DEFAULTS)}")
+    unknown = sorted(set(options) - set(_DEFAULTS[method]))
+    if unknown:
+        raise TypeError(f"{method}: unknown option(s) {unknown}; valid options: {sorted(_DEFAULTS[method])}")
+    o = {**_DEFAULTS[method], **{k: v for k, v in options.items() if v is not None}}
+    if method == "task_arithmetic":
+        lam = 1.0 / n_models if o["scaling"] is None else float(o["scaling"])
+        return TaskVectorConfig(scaling=lam), 0
+    if method == "ties":
+        config = TaskVectorConfig(
+            scaling=float(o["scaling"]),
+            density=float(o["density"]),
+            sign_election=True,
+            combine="mean",
+            trim=o["trim"],
+        )
+        return config, 0
+    config = TaskVectorConfig(
+        scaling=float(o["scaling"]),
+        drop_rate=float(o["drop_rate"]),
+        sign_election=bool(o["sign_election"]),
+        combine=o["combine"],
+    )
+    return config, int(o["seed"])
