@@ -109,6 +109,7 @@ def _subset(ds: TensorDataset, n: int, seed: int) -> Subset:
 
 def train_lm_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train one seed's model (a top-level function, so Ray can ship it); returns its weights and curve."""
+    from mergelab.evaluation import evaluate
     from mergelab.train import TrainConfig, train
 
     torch.set_num_threads(1)
@@ -133,10 +134,13 @@ def train_lm_job(job: dict[str, Any]) -> dict[str, Any]:
         ),
     )
     seconds = time.perf_counter() - t0
+    val = evaluate(model, DataLoader(_subset(corpus.val, cfg.eval_blocks, 0), batch_size=cfg.eval_batch_size))
     return {
         "seed": seed,
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "train_loss": history.train_loss[-1],
+        "val_loss": val.loss,
+        "val_perplexity": math.exp(val.loss),
         "steps": len(history.train_loss) * math.ceil(len(corpus.train) / cfg.batch_size),
         "seconds": seconds,
     }
@@ -238,7 +242,9 @@ def lm(cfg: LMConfig, out: Path, executor: Executor) -> Report:
         {
             "seed": t["seed"],
             "train steps": t["steps"],
-            "final train loss": t["train_loss"],
+            "train loss (last epoch mean)": t["train_loss"],
+            "val loss": t["val_loss"],
+            "val ppl": t["val_perplexity"],
             "train seconds": t["seconds"],
         }
         for t in trained
@@ -293,6 +299,7 @@ def _rows(cfg: LMConfig, results: list[dict[str, Any]]) -> tuple[list[dict[str, 
                 "path": _label(method),
                 "pairs": len(ok),
                 "val loss barrier": mean_std([p["val_loss_barrier"] for p in ok]),
+                "per pair": " / ".join(f"{p['val_loss_barrier']:.3f}" for p in ok),
                 "val ppl barrier": mean_std([p["val_perplexity_barrier"] for p in ok]),
                 "train loss barrier": mean_std([p["loss_barrier"] for p in ok]),
                 "endpoint val ppl": mean_std(
@@ -323,14 +330,15 @@ def _plot(cfg: LMConfig, results: list[dict[str, Any]], out: Path) -> Path:
     try:
         for method in cfg.methods:
             curves = [r["paths"][method] for r in results if "error" not in r["paths"][method]]
+            x = list(cfg.methods).index(method)
             if not curves:
+                axes[1].text(x, 0, "not available", ha="center", va="bottom", fontsize=7, rotation=90)
                 continue
             lam = np.asarray(curves[0]["lambdas"])
             ppl = np.asarray([c["val_perplexity"] for c in curves])
             (line,) = axes[0].plot(lam, ppl.mean(0), marker="o", label=_label(method))
             axes[0].fill_between(lam, ppl.min(0), ppl.max(0), color=line.get_color(), alpha=0.15)
             bars = [c["val_loss_barrier"] for c in curves]
-            x = list(cfg.methods).index(method)
             axes[1].bar(x, float(np.mean(bars)), color=line.get_color(), alpha=0.6)
             axes[1].scatter([x] * len(bars), bars, color="k", s=12, zorder=3)
         axes[0].set(xlabel="λ (weight of model B)", ylabel="validation perplexity (bytes)")
@@ -339,7 +347,7 @@ def _plot(cfg: LMConfig, results: list[dict[str, Any]], out: Path) -> Path:
         axes[1].set_xticks(range(len(cfg.methods)), [_label(m) for m in cfg.methods], fontsize=7, rotation=10)
         axes[1].set(ylabel="val loss barrier (nats/byte)", title="barrier per seed pair (dots)")
         fig.suptitle(
-            f"GPT-2 {cfg.n_layer}×{cfg.n_embd} byte LM on the Python stdlib: {len(results)} seed pairs",
+            f"GPT-2 {cfg.n_layer}×{cfg.n_embd} byte LM on the Python stdlib: {len(results)} seed pair(s)",
             fontsize=10,
         )
         fig.tight_layout()
