@@ -21,7 +21,7 @@ _TINY = [
     "n_embd=16",
     "n_head=2",
     "block_size=16",
-    "train_bytes=1100",  # 68 blocks of 16 → 2 steps of 32
+    "train_bytes=1040",  # 64 blocks of 16 → 2 steps of 32
     "val_bytes=600",
     "steps=3",
     "eval_blocks=16",
@@ -68,7 +68,7 @@ def test_lm_study_smoke(tmp_path: Path) -> None:
     text = report.read_text()
     assert "naive (average)" in text and "lm-perplexity-path.png" in text
     metrics = json.loads((tmp_path / "lm" / "metrics.json").read_text())["metrics"]
-    assert metrics["corpus"]["python_version"] and metrics["corpus"]["train_blocks"] == 68
+    assert metrics["corpus"]["python_version"] and metrics["corpus"]["train_blocks"] == 64
     path = metrics["results"][0]["paths"]["average"]
     assert len(path["val_perplexity"]) == 3 and path["val_loss_barrier"] >= 0
     # the `average` merge is the naive path's midpoint

@@ -170,6 +170,8 @@ def lm_pair_job(job: dict[str, Any]) -> dict[str, Any]:
     stats = list(DataLoader(_subset(corpus.train, cfg.stat_batches * bs, 1), batch_size=bs))
     t0 = time.perf_counter()
     paths: dict[str, dict[str, Any]] = {}
+    structure: Any = None  # discovered once per pair, shared by the aligned methods
+    discover_seconds = 0.0
     for method in cfg.methods:
         try:
             start = time.perf_counter()
@@ -177,8 +179,12 @@ def lm_pair_job(job: dict[str, Any]) -> dict[str, Any]:
                 b_path = b
                 merged = mergelab.merge([a, b], method="average")
             else:
-                b_path = align_to(a, b, method=method, data=stats)
-                merged = mergelab.merge([a, b], method=method, data=stats)
+                if structure is None:
+                    structure = mergelab.discover_structure(a, stats[0][0][:2])
+                    discover_seconds = time.perf_counter() - start
+                    start = time.perf_counter()
+                b_path = align_to(a, b, method=method, data=stats, structure=structure)
+                merged = mergelab.merge([a, b], method=method, data=stats, structure=structure)
             align_seconds = time.perf_counter() - start
         except Exception as e:  # noqa: BLE001 — an unsupported model is a result of the study, not a crash
             log.warning("lm study: %s failed on seeds %s: %s", method, job["seeds"], e)
@@ -195,7 +201,18 @@ def lm_pair_job(job: dict[str, Any]) -> dict[str, Any]:
             "merged_val_perplexity": math.exp(merged_val.loss),
             "merge_seconds": align_seconds,
         }
-    return {"seeds": job["seeds"], "paths": paths, "seconds": time.perf_counter() - t0}
+    return {
+        "seeds": job["seeds"],
+        "paths": paths,
+        "discover_seconds": discover_seconds,
+        "structure": None if structure is None else _describe(structure),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _describe(structure: Any) -> str:
+    explain = getattr(structure, "explain", None)
+    return explain() if callable(explain) else repr(structure)
 
 
 def _barrier(values: list[float], lambdas: tuple[float, ...]) -> float:
@@ -271,6 +288,14 @@ def lm(cfg: LMConfig, out: Path, executor: Executor) -> Report:
         models=[{k: v for k, v in t.items() if k != "state_dict"} for t in trained],
         results=results,
     )
+    described = next((r["structure"] for r in results if r["structure"]), None)
+    if described:
+        seconds = mean_std([r["discover_seconds"] for r in results])
+        report.heading("Discovered structure")
+        report.text(
+            f"`mergelab.discover_structure` on model A (once per pair, {seconds[0]:.1f} s each), shared by the "
+            "aligned methods:\n\n```\n" + described.rstrip() + "\n```"
+        )
     report.heading("Curves")
     fig_path = _plot(cfg, results, out)
     report.figure(
@@ -307,7 +332,7 @@ def _rows(cfg: LMConfig, results: list[dict[str, Any]]) -> tuple[list[dict[str, 
                 ),
                 "merged val ppl": mean_std([p["merged_val_perplexity"] for p in ok]),
                 "barrier cut vs naive": mean_std(reduction),
-                "merge s": mean_std([p["merge_seconds"] for p in ok]),
+                "align + merge s": mean_std([p["merge_seconds"] for p in ok]),
             }
         )
     return rows, errors
