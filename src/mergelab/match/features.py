@@ -8,8 +8,10 @@ and across models) and correlations.
 
 Where the units are read:
 
-* ``Group.probes``: fx node names of :func:`trace_model` ``(model)`` with the units along ``probe.dim``; the
-  samples of all probes of a group are pooled (e.g. every point of a residual stream).
+* ``Group.probes``: where discovery saw the units — a module's input or output (``site="input"``/``"output"``,
+  read with forward hooks on the eager model, so any model that runs works, Hugging Face transformers included),
+  or an fx node of :func:`trace_model` ``(model)`` (``site="node"``, hand-written structures); units along
+  ``probe.dim``. The samples of all probes of a group are pooled (e.g. every point of a residual stream).
 * no probes (:func:`fallback_taps`; structure discovery leaves the query/key and value groups of attention
   leaves and the parts of a split basis without probes): a forward hook on the last module (in
   ``named_modules`` order, which follows the forward pass for the zoo) whose output *is* the group's units,
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from mergelab.evaluation import split_batch
-from mergelab.structure.types import Axis, Group, Structure
+from mergelab.structure.types import Axis, Group, Probe, Structure
 
 __all__ = ["FeatureStats", "Tap", "collect_features", "fallback_taps", "trace_model", "unit_dim"]
 
@@ -187,6 +189,41 @@ def _tap_hook(
     return hook
 
 
+def _probe_hook(
+    probe: Probe, size: int, cb: Callable[[Tensor], None]
+) -> Callable[..., None]:
+    """A ``with_kwargs`` hook (pre-hook for inputs) feeding ``cb`` the probe's units as (samples, size)."""
+    where = f"module {probe.node!r} {probe.site}"
+
+    def take(t: object) -> None:
+        if isinstance(t, tuple):
+            t = t[0]
+        if not isinstance(t, Tensor):
+            raise TypeError(f"collect_features: {where} is {type(t).__name__}, not a tensor")
+        d = probe.dim
+        if t.dim() <= d or t.shape[d] < probe.start + size * probe.inner:
+            raise ValueError(
+                f"collect_features: {where} {tuple(t.shape)} has no {size} units of {probe.inner} entries from "
+                f"entry {probe.start} along dim {d}"
+            )
+        t = t.detach().narrow(d, probe.start, size * probe.inner).movedim(d, -1)
+        if probe.inner > 1:  # every entry of a unit is a sample of it
+            t = t.reshape(-1, size, probe.inner).transpose(1, 2)
+        cb(t.reshape(-1, size))
+
+    if probe.site == "input":
+
+        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            take(args[0] if args else next(iter(kwargs.values())))
+
+        return pre
+
+    def post(_m: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+        take(out)
+
+    return post
+
+
 def _flatten_units(t: Tensor, dim: int, n: int, where: str) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"collect_features: {where} produced {type(t).__name__}, not a tensor")
@@ -309,7 +346,7 @@ def collect_features(
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from mergelab.structure.types import Axis, Group, Structure
+        >>> from mergelab.structure.types import Axis, Group, Probe, Structure
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> s = Structure((Group("0", 3, (Axis("0.weight", 0, "out"), Axis("2.weight", 1, "in"))),))
         >>> st = collect_features([net, net], s, [torch.randn(16, 4)])
@@ -326,7 +363,7 @@ def collect_features(
     moments = {g.name: torch.zeros(n_models * g.size, n_models * g.size, dtype=torch.float64) for g in chosen}
     counts = {g.name: 0 for g in chosen}
 
-    use_graph = any(g.probes for g in chosen)
+    use_graph = any(p.site == "node" for g in chosen for p in g.probes)
     graphs = [trace_model(m) for m in models] if use_graph else [None] * n_models
     # records[model][group] = list of (samples × n) tensors from this batch, in call order
     records: list[dict[str, list[Tensor]]] = [{g.name: [] for g in chosen} for _ in models]
@@ -334,6 +371,12 @@ def collect_features(
     def make_cb(i: int, g: Group, dim: int, where: str) -> Callable[[Tensor], None]:
         def cb(t: Tensor) -> None:
             records[i][g.name].append(_flatten_units(t, dim, g.size, where).double().cpu())
+
+        return cb
+
+    def make_raw_cb(i: int, g: Group) -> Callable[[Tensor], None]:
+        def cb(t: Tensor) -> None:
+            records[i][g.name].append(t.double().cpu())
 
         return cb
 
@@ -345,9 +388,17 @@ def collect_features(
             for g in chosen:
                 if g.probes:
                     for p in g.probes:
-                        taps[i].setdefault(p.node, []).append(
-                            make_cb(i, g, p.dim, f"probe {p.node!r} of {g.name!r}")
-                        )
+                        if p.site == "node":
+                            taps[i].setdefault(p.node, []).append(
+                                make_cb(i, g, p.dim, f"probe {p.node!r} of {g.name!r}")
+                            )
+                            continue
+                        mod = model.get_submodule(p.node)
+                        hook = _probe_hook(p, g.size, make_raw_cb(i, g))
+                        if p.site == "input":
+                            handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+                        else:
+                            handles.append(mod.register_forward_hook(hook, with_kwargs=True))
                 else:
                     tap = fallback_taps(model, g)
                     where = f"module {tap.module!r} ({tap.source}, group {g.name!r})"

@@ -1,4 +1,4 @@
-"""Permutation symmetries of networks: discover them with ``torch.fx``, write them by hand, apply them.
+"""Permutation symmetries of networks: discover them from ``torch.export`` graphs, write them by hand, apply them.
 
 Example:
     >>> import torch
@@ -35,10 +35,11 @@ from mergelab.structure.transform import (
     permute_state_dict,
     random_permutations,
 )
-from mergelab.structure.types import Axis, Group, Probe, Structure
+from mergelab.structure.types import Axis, Fixed, Group, Probe, Structure
 
 __all__ = [
     "Axis",
+    "Fixed",
     "Group",
     "Probe",
     "Structure",

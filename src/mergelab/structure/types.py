@@ -18,9 +18,14 @@ Two details cover the cases a plain ``(param, dim)`` cannot:
 * ``start``: packed parameters (``nn.MultiheadAttention.in_proj_weight`` holds q, k and v) expose several groups
   on one axis; the group's slice begins at ``start`` and spans ``size*inner`` entries.
 
-``probes`` say where the group's units can be *observed*: fx node names (in the graph of
-``mergelab.structure.trace(model)``) whose output carries the group's units along ``dim``. Activation statistics
-for matching pool the samples of every probe of a group (e.g. each point of a residual stream).
+``probes`` say where the group's units can be *observed* in the eager model: the input (``site="input"``) or the
+output (``site="output"``) of a module, units along ``dim`` (from entry ``start``, ``inner`` entries per unit), or
+— for hand-written structures — an fx node of ``mergelab.structure.trace(model)`` (``site="node"``). Activation
+statistics for matching pool the samples of every probe of a group (e.g. each point of a residual stream).
+
+``Structure.fixed`` lists what discovery kept in place and why (an axis read by an op whose symmetry the
+vocabulary cannot express, a unit axis meeting the model input, the model output); ``coverage()`` and
+``explain()`` summarise it.
 
 ``blocks`` > 1 means the units come in equal contiguous blocks that may only move as whole blocks (attention
 heads, GroupNorm groups); inside a block any permutation is allowed. Groups listed together in
@@ -64,12 +69,44 @@ class Axis:
         return f"{self.param}[{self.dim}] ({self.role}{extra})"
 
 
+Site = Literal["node", "input", "output"]
+
+
 @dataclass(frozen=True)
 class Probe:
-    """A place where a group's units appear in the traced graph: node ``node``'s output, units along ``dim``."""
+    """A place where a group's units can be observed.
+
+    Args:
+        node: the module path (``site="input"``/``"output"``) or fx node name (``site="node"``).
+        dim: the tensor axis carrying the units.
+        site: the module's first input, its output (first element of a tuple), or an fx node's output.
+        start: first entry of the group's units along ``dim`` (packed outputs such as a fused ``qkv``).
+        inner: consecutive entries per unit along ``dim`` (a flattened map, a whole attention head).
+    """
 
     node: str
     dim: int
+    site: Site = "node"
+    start: int = 0
+    inner: int = 1
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """Units discovery keeps in place: ``size`` units over ``axes``, and the reason.
+
+    ``hidden`` is False for the model's own outputs, which are never permuted and do not count in coverage.
+    """
+
+    name: str
+    size: int
+    axes: tuple[Axis, ...]
+    reason: str
+    hidden: bool = True
+
+    @property
+    def width(self) -> int:
+        return self.size * min((a.inner for a in self.axes), default=1)
 
 
 @dataclass(frozen=True)
@@ -103,16 +140,23 @@ class Group:
     def params(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(a.param for a in self.axes))
 
+    @property
+    def width(self) -> int:
+        """Tensor entries the group spans (units × the smallest ``inner``): a whole head counts its dims."""
+        return self.size * min((a.inner for a in self.axes), default=1)
+
 
 @dataclass(frozen=True)
 class Structure:
     """All permutation groups of a network, in forward (topological) order.
 
-    ``ties`` holds tuples of group names whose *block* permutations must be equal.
+    ``ties`` holds tuples of group names whose *block* permutations must be equal. ``fixed`` records the units
+    discovery kept in place, with the reason (see :class:`Fixed`).
     """
 
     groups: tuple[Group, ...]
     ties: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
+    fixed: tuple[Fixed, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         names = [g.name for g in self.groups]
@@ -160,6 +204,27 @@ class Structure:
         """Every (group, axis) that touches ``param``."""
         return [(g, a) for g in self.groups for a in g.axes if a.param == param]
 
+    def coverage(self) -> float:
+        """Fraction of hidden entries (units × inner) that some group permutes; 1.0 when nothing hidden is fixed."""
+        free = sum(g.width for g in self.groups)
+        kept = sum(f.width for f in self.fixed if f.hidden)
+        return free / (free + kept) if free + kept else 1.0
+
+    def explain(self) -> str:
+        """One line per group and per fixed set of units, with the reason it is kept in place."""
+        lines = [
+            f"{len(self.groups)} groups, {len([f for f in self.fixed if f.hidden])} hidden unit sets kept fixed; "
+            f"coverage {self.coverage():.1%} of hidden entries"
+        ]
+        for g in self.groups:
+            blk = f", {g.blocks} blocks" if g.blocks > 1 else ""
+            lines.append(f"  permuted  {g.name} ({g.size} units{blk}, {len(g.axes)} axes)")
+        for f in self.fixed:
+            tag = "fixed    " if f.hidden else "output   "
+            axes = ", ".join(str(a) for a in f.axes[:3]) + (", ..." if len(f.axes) > 3 else "")
+            lines.append(f"  {tag} {f.name} ({f.size} units: {axes}): {f.reason}")
+        return "\n".join(lines)
+
     def __str__(self) -> str:
         lines = [f"Structure: {len(self.groups)} groups"]
         for g in self.groups:
@@ -169,4 +234,9 @@ class Structure:
                 lines.append(f"    {a}")
         for tie in self.ties:
             lines.append(f"  tied blocks: {' = '.join(tie)}")
+        hidden = [f for f in self.fixed if f.hidden]
+        if hidden:
+            lines.append(f"  kept fixed ({len(hidden)}; coverage {self.coverage():.1%}, see explain()):")
+            for f in hidden:
+                lines.append(f"    {f.name} ({f.size} units): {f.reason}")
         return "\n".join(lines)
