@@ -73,11 +73,12 @@ def test_lm_study_smoke(tmp_path: Path) -> None:
     assert len(path["val_perplexity"]) == 3 and path["val_loss_barrier"] >= 0
     # the `average` merge is the naive path's midpoint
     assert math.isclose(path["merged_val_loss"], path["test_loss"][1], rel_tol=1e-5)
+    # the aligned merge is the aligned path's midpoint, and permuting B did not change its function
     wm = metrics["results"][0]["paths"]["weight_matching"]
-    if "error" in wm:  # structure discovery of GPT-2 is not available on this branch yet
-        assert "weight_matching not available" in text and "discover_structure" in wm["error"]
-    else:
-        assert math.isclose(wm["merged_val_loss"], wm["test_loss"][1], rel_tol=1e-5)
+    assert "error" not in wm, wm.get("error")
+    assert math.isclose(wm["merged_val_loss"], wm["test_loss"][1], rel_tol=1e-5)
+    assert math.isclose(wm["test_loss"][-1], path["test_loss"][-1], rel_tol=1e-5)
+    assert "aligned: weight_matching" in text and "Discovered structure" in text
     from transformers import GPT2LMHeadModel
 
     reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "lm" / "models" / "seed-1")
