@@ -281,7 +281,10 @@ def lm(cfg: LMConfig, out: Path, executor: Executor) -> Report:
         report.table(rows, digits=3)
     for method, err in errors.items():
         report.text(f"**{method} not available**: {err}")
+    import transformers
+
     report.metrics.update(
+        transformers=transformers.__version__,
         rows=rows,
         errors=errors,
         corpus=corpus.meta,
