@@ -460,8 +460,9 @@ def test_activation_matching_torch_attention_without_probes(kdim: int | None) ->
     model = _TorchAttention(kdim).eval()
     x = torch.randn(64, 4, 5, generator=torch.Generator().manual_seed(1))
     s = discover_structure(model, x[:2])
-    assert not s["attn.q"].probes and not s["attn.v"].probes
-    assert fallback_taps(model, s["attn.v"]).source == "value"  # not the module's (tuple) output
+    q, v = s.ties[0]  # the query/key and value/output groups of the attention module
+    assert not s[q].probes and not s[v].probes
+    assert fallback_taps(model, s[v]).source == "value"  # not the module's (tuple) output
     perm = random_perms(s, torch.Generator().manual_seed(2))
     permuted = to_basis(model, s, perm)
     al = match_activations(s, [model, permuted], loader(x, batch=16))

@@ -193,11 +193,19 @@ def _flatten_start(node: fx.Node) -> int | None:
 
 
 def _probe_module(model: nn.Module, group: Any) -> tuple[str, int]:
-    """A module whose output shows ``group``'s units: a probe that is a module call, or one flatten before it."""
+    """A module whose output shows ``group``'s units: an output probe, the module feeding an input probe, or (fx
+    probes of hand-written structures) a module call or one flatten before it."""
+    for probe in group.probes:
+        if probe.site == "output" and probe.inner == 1:
+            return probe.node, probe.dim
+        if probe.site == "input" and probe.source and probe.inner == 1:
+            return probe.source, probe.dim
     from mergelab.structure import trace
 
     nodes = {n.name: n for n in trace(model).graph.nodes}
     for probe in group.probes:
+        if probe.site != "node":
+            continue
         node = nodes.get(probe.node)
         if node is not None and node.op != "call_module":
             start = _flatten_start(node)
@@ -207,7 +215,7 @@ def _probe_module(model: nn.Module, group: Any) -> tuple[str, int]:
         if node is not None and node.op == "call_module":
             return str(node.target), probe.dim
     raise ValueError(
-        f"select_units: group {group.name!r} is observed at fx nodes {[p.node for p in group.probes]}, none of "
+        f"select_units: group {group.name!r} is observed at {[p.node for p in group.probes]}, none of "
         "which is a module output; name a module instead"
     )
 

@@ -189,9 +189,7 @@ def _tap_hook(
     return hook
 
 
-def _probe_hook(
-    probe: Probe, size: int, cb: Callable[[Tensor], None]
-) -> Callable[..., None]:
+def _probe_hook(probe: Probe, size: int, cb: Callable[[Tensor], None]) -> Callable[..., None]:
     """A ``with_kwargs`` hook (pre-hook for inputs) feeding ``cb`` the probe's units as (samples, size)."""
     where = f"module {probe.node!r} {probe.site}"
 

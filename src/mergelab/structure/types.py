@@ -82,6 +82,8 @@ class Probe:
         site: the module's first input, its output (first element of a tuple), or an fx node's output.
         start: first entry of the group's units along ``dim`` (packed outputs such as a fused ``qkv``).
         inner: consecutive entries per unit along ``dim`` (a flattened map, a whole attention head).
+        source: for an input probe, the leaf module whose output is that same tensor ("" if it is computed in
+            a forward function), e.g. the ReLU before a Linear (feature visualisation hooks module outputs).
     """
 
     node: str
@@ -89,6 +91,7 @@ class Probe:
     site: Site = "node"
     start: int = 0
     inner: int = 1
+    source: str = ""
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,9 @@ class Bases:
                 f"of its {b.blocks} blocks"
             )
         if self.tied(r):
-            raise ValueError(f"discover_structure: {where}: cannot split the tied (attention) basis {b.name!r}")
+            raise ValueError(
+                f"discover_structure: {where}: cannot split the tied (attention) basis {b.name!r}"
+            )
         bs = b.size // b.blocks
         base, first = _split_name(b.name)
         kids, off = [], 0
@@ -348,7 +350,9 @@ class Bases:
             else:
                 self.fix([pa, pb], f"{where}: units of different widths meet")
 
-    def attach(self, layout: Layout, param: str, dim: int, role: Role, start: int, order: tuple[int, ...]) -> None:
+    def attach(
+        self, layout: Layout, param: str, dim: int, role: Role, start: int, order: tuple[int, ...]
+    ) -> None:
         """Record that ``param``'s axis ``dim`` (from entry ``start``) is laid out like ``layout``."""
         off = start
         for p in self.leaves(layout):
@@ -430,7 +434,9 @@ class Bases:
                 if head or tail:
                     sizes = [head, full * per, tail]
                     if not self.can_split(p.basis, sizes) or self.tied(p.basis):
-                        self.fix([p], f"{where}: groups of {block} channels conflict with the blocks of {b.name!r}")
+                        self.fix(
+                            [p], f"{where}: groups of {block} channels conflict with the blocks of {b.name!r}"
+                        )
                         off += e
                         continue
                     todo = (p, sizes)

@@ -39,7 +39,9 @@ def assemble(w: Walk) -> Structure:
                     u.fix_basis(r0, reason)
                     u.fix_basis(r, reason)
                     continue
-                u.unify((Piece(r0, u.b[r0].size),), (Piece(r, u.b[r].size),), f"shared tensor {a.param}[{a.dim}]")
+                u.unify(
+                    (Piece(r0, u.b[r0].size),), (Piece(r, u.b[r].size),), f"shared tensor {a.param}[{a.dim}]"
+                )
                 changed = True
                 break
             if changed:
@@ -156,6 +158,31 @@ def _where_units(w: Walk, value: object, r: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def _output_of(w: Walk, x: fx.Node) -> str:
+    """The leaf module whose output ``x`` is (``""`` when ``x`` is computed outside leaf modules)."""
+    inner = _innermost(x)
+    if inner is None or _leaf(w, inner[1]) is None:
+        return ""
+    users = [u for u in x.users if (_innermost(u) or ("", ""))[0] == inner[0]]
+    return "" if users else inner[1]
+
+
+def _unflattened(w: Walk, x: fx.Node, r: int) -> Probe | None:
+    """Walk back from a flattened tensor to the nearest leaf-module output holding ``r`` one entry per unit."""
+    node = x
+    for _ in range(8):
+        prev = [a for a in node.all_input_nodes if isinstance(w.env.get(a), Act)]
+        if len(prev) != 1:
+            return None
+        node = prev[0]
+        found = [u for u in _where_units(w, w.env.get(node), r) if u[2] == 1]
+        if found:
+            src = _output_of(w, node)
+            dim, start, _ = found[0]
+            return Probe(src, dim, "output", start) if src else None
+    return None
+
+
 def _probes(w: Walk, live: set[int]) -> dict[int, list[Probe]]:
     """Where each live group can be observed on the eager model (module forward hooks).
 
@@ -186,7 +213,9 @@ def _probes(w: Walk, live: set[int]) -> dict[int, list[Probe]]:
                 continue
             for dim, start, k in _where_units(w, value, r):
                 seen.add((r, x))
-                p = Probe(path, dim, "input", start, k)
+                p = Probe(path, dim, "input", start, k, _output_of(w, x))
+                if k > 1 or not p.source:  # a flattened map: prefer the map where a module outputs it
+                    p = _unflattened(w, x, r) or p
                 if p not in out.setdefault(r, []):
                     out[r].append(p)
     nodes = list(w.ep.graph.nodes)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
 from fractions import Fraction
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch import fx, nn
 
 from mergelab.structure.discover.bases import Bases, Layout, Piece, entries
 from mergelab.structure.discover.values import Act, Other, Pair, Param, Seq, T, flat, tensor_like
-from mergelab.structure.types import Axis, Fixed, Group, Probe, Role, Structure
+from mergelab.structure.types import Axis, Role, Structure
 
 __all__ = ["Walk", "UnsupportedOp"]
 
@@ -140,7 +139,9 @@ class Walk:
                 self.env[node] = self.placeholder(node)
                 continue
             args = fx.node.map_aggregate(node.args, lambda a: self.env[a] if isinstance(a, fx.Node) else a)
-            kwargs = fx.node.map_aggregate(node.kwargs, lambda a: self.env[a] if isinstance(a, fx.Node) else a)
+            kwargs = fx.node.map_aggregate(
+                node.kwargs, lambda a: self.env[a] if isinstance(a, fx.Node) else a
+            )
             if node.op == "output":
                 self.output(args)
             elif node.op == "call_function":
@@ -237,7 +238,15 @@ class Walk:
             self._unpair(axes, d, hs, lay, a.shape, "heads were coarsened")
         return Act(a.shape, axes, pairs)
 
-    def _unpair(self, axes: dict[int, Layout], d: int, hs: tuple[int, ...], lay: Layout, shape: Sequence[int], why: str) -> None:
+    def _unpair(
+        self,
+        axes: dict[int, Layout],
+        d: int,
+        hs: tuple[int, ...],
+        lay: Layout,
+        shape: Sequence[int],
+        why: str,
+    ) -> None:
         ok = all(self.u.make_integer(p, f"{self.where()}: {why}") for p in self.u.leaves(lay))
         if ok and len(hs) == 1:
             axes[hs[0]] = lay
@@ -320,7 +329,8 @@ class Walk:
             ok = True
             for v in ops:
                 have = isinstance(v, Act) and any(
-                    (out_axis(v, dd), tuple(out_axis(v, h) for h in hh)) == (d, hs) for dd, (hh, _) in v.pairs.items()
+                    (out_axis(v, dd), tuple(out_axis(v, h) for h in hh)) == (d, hs)
+                    for dd, (hh, _) in v.pairs.items()
                 )
                 if not have and any(_extent(v, j, nd) != 1 for j in (d, *hs)):
                     ok = False
@@ -358,7 +368,9 @@ class Walk:
             if not layouts:
                 for name, d in attach:
                     if d is not None:
-                        self.pinned.setdefault((name, d[0]), f"lies along an axis in a fixed order at {where}")
+                        self.pinned.setdefault(
+                            (name, d[0]), f"lies along an axis in a fixed order at {where}"
+                        )
                 continue
             first = layouts[0]
             for other in layouts[1:]:
@@ -418,7 +430,6 @@ class Walk:
         # refined axes: each input axis is a run of factors
         runs_in = _runs(sin, factors)
         runs_out = _runs(sout, factors)
-        pos = {a: i for i, a in enumerate(keep_in)}
         mid_axes: dict[int, Layout] = {}
         mid_pairs: dict[int, Pair] = {}
         remap: dict[int, list[int]] = {}
@@ -478,8 +489,21 @@ class Walk:
                 lead = math.prod(factors[r] for r in run[: len(run) - len(tail)])
                 axes[keep_out[od]] = tuple(Piece(p.basis, p.entries * factors[d]) for p in lay) * lead
                 continue
+            leaves = self.u.leaves(lay)
+            if len(hs) == 1 and run[-2:] == [d, hs[0]] and all(p.entries == 1 for p in leaves):
+                # within-head axis before the head axis (a channel shuffle): entry (i, h) is unit i of head h,
+                # so the heads can only keep their symmetry if they share one permutation: unify them
+                sizes = {self.u.b[self.u.find(p.basis)].size for p in leaves}
+                if len(sizes) == 1:
+                    for p in leaves[1:]:
+                        self.u.union(leaves[0].basis, p.basis, where)
+                    lead = math.prod(factors[r] for r in run[:-2])
+                    axes[keep_out[od]] = (Piece(leaves[0].basis, factors[d] * factors[hs[0]]),) * lead
+                    continue
             if run == [d] and od not in ohs:
-                if len(set(ohs)) == len(ohs) and all(runs_out[o] == [h] for o, h in zip(ohs, hs, strict=True)):
+                if len(set(ohs)) == len(ohs) and all(
+                    runs_out[o] == [h] for o, h in zip(ohs, hs, strict=True)
+                ):
                     pairs[keep_out[od]] = (tuple(keep_out[o] for o in ohs), lay)
                     continue
                 if len(set(ohs)) == 1 and runs_out[ohs[0]][-len(hs) :] == list(hs):
@@ -523,10 +547,10 @@ class Walk:
         leaves = self.u.leaves(lay)
         rest = math.prod(sizes[1:])
         # 1. every unit owns whole runs of the trailing axes: units stay on the first axis
-        if all(self.u.inner(p).denominator == 1 and int(self.u.inner(p)) % rest == 0 for p in leaves):
-            if all(off % rest == 0 for off in _offsets(leaves)):
-                axes[rs[0]] = tuple(Piece(p.basis, p.entries // rest) for p in leaves)
-                return
+        whole = all(self.u.inner(p).denominator == 1 and int(self.u.inner(p)) % rest == 0 for p in leaves)
+        if whole and all(off % rest == 0 for off in _offsets(leaves)):
+            axes[rs[0]] = tuple(Piece(p.basis, p.entries // rest) for p in leaves)
+            return
         # 2. the layout repeats along the first axis (a batch*heads axis): the rest carries one copy
         n0 = sizes[0]
         period = entries(leaves) // n0
@@ -615,13 +639,20 @@ class Walk:
         n = len(shape)
         axes = {a + n - len(x.shape): lay for a, lay in x.axes.items() if a != last}
         axes[n - 1] = (Piece(basis, out_features),)
-        pairs = {d + n - len(x.shape): (tuple(h + n - len(x.shape) for h in hs), lay) for d, (hs, lay) in x.pairs.items()}
+        pairs = {
+            d + n - len(x.shape): (tuple(h + n - len(x.shape) for h in hs), lay)
+            for d, (hs, lay) in x.pairs.items()
+        }
         return self.clean(Act(shape, axes, pairs))
 
     def param_dense(self, x: Act, w: Any, b: Any, out_axis: int, in_axis: int, shape: tuple[int, ...]) -> Any:
         """``x @ w``-like product with a parameter weight (``w``'s tensor axes ``out_axis``/``in_axis``)."""
         ok = isinstance(w, Param) and len(w.shape) == 2 and None not in w.dims
-        ok = ok and (b is None or isinstance(b, Other) or (isinstance(b, Param) and len(b.shape) == 1 and b.dims[0] is not None))
+        ok = ok and (
+            b is None
+            or isinstance(b, Other)
+            or (isinstance(b, Param) and len(b.shape) == 1 and b.dims[0] is not None)
+        )
         if not ok:
             if isinstance(w, Act) and w.tracked:
                 return NotImplemented
@@ -710,7 +741,7 @@ class Walk:
         for j in range(n - 2):
             lays: list[tuple[Layout, bool]] = []  # (layout, is a pair's head layout)
             plain_full = False
-            for v, off_fn in ((a, oa), (b, ob)):
+            for v in (a, b):
                 k = j - (n - len(v.shape))
                 if k < 0 or v.shape[k] == 1:
                     continue
@@ -840,9 +871,11 @@ def _map_axis(in_shape: Sequence[int], d: int, out_shape: Sequence[int]) -> int 
     prefix = math.prod(in_shape[:d])
     acc = 1
     for j, f in enumerate(out_shape):
-        if acc == prefix and f == in_shape[d] and math.prod(out_shape[j + 1 :]) == math.prod(in_shape[d + 1 :]):
+        if (
+            acc == prefix
+            and f == in_shape[d]
+            and math.prod(out_shape[j + 1 :]) == math.prod(in_shape[d + 1 :])
+        ):
             return j
         acc *= f
     return None
-
-

@@ -48,7 +48,12 @@ def sdpa(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
     scores_shape = (*q.shape[:-1], k.shape[-2])
     scores = w.matmul(q, kt, scores_shape)
     if isinstance(mask, (Act, Param)):
-        scores = w.elementwise([scores, mask], tuple(max(a, b) for a, b in zip(scores_shape, _padded(mask.shape, len(scores_shape)), strict=True)))
+        scores = w.elementwise(
+            [scores, mask],
+            tuple(
+                max(a, b) for a, b in zip(scores_shape, _padded(mask.shape, len(scores_shape)), strict=True)
+            ),
+        )
     return w.matmul(scores, v, w.out_shape())
 
 

@@ -15,7 +15,15 @@ def _conv(w: Walk, x: Any, weight: Any, bias: Any, groups: int, transposed: bool
     if not isinstance(x, Act):
         return NotImplemented
     shape = w.out_shape()
-    if not isinstance(weight, Param) or None in weight.dims or (bias is not None and not isinstance(bias, Param) and not (hasattr(bias, "value") and bias.value is None)):
+    if (
+        not isinstance(weight, Param)
+        or None in weight.dims
+        or (
+            bias is not None
+            and not isinstance(bias, Param)
+            and not (hasattr(bias, "value") and bias.value is None)
+        )
+    ):
         w.pin_all([weight, bias], f"a convolution weight discovery cannot follow at {w.where()}")
         return w.plain_from(x, "a convolution with a computed weight")
     k = len(weight.shape) - 2
@@ -63,7 +71,9 @@ def _conv(w: Walk, x: Any, weight: Any, bias: Any, groups: int, transposed: bool
     # grouped: groups move as blocks (input channels of a group glued together, the weight's per-group input
     # axis stays in place); inside a group the output channels are free
     per_in = in_ch // groups
-    basis, new = w.producer(f"{name}:{out_dim}:{out_start}", out_ch, name.removesuffix(".weight"), blocks=groups)
+    basis, new = w.producer(
+        f"{name}:{out_dim}:{out_start}", out_ch, name.removesuffix(".weight"), blocks=groups
+    )
     if new:
         w.u.b[basis].axes.append(Axis(name, out_dim, "out", 1, out_start))
         if b is not None and b.dims[0] is not None:
@@ -80,9 +90,13 @@ def _conv(w: Walk, x: Any, weight: Any, bias: Any, groups: int, transposed: bool
             w.u.tie(heads, (Piece(basis, groups),), w.where())
         else:
             w.u.fix(layout, f"{w.where()}: input channels of a grouped convolution do not form whole groups")
-            w.u.fix((Piece(basis, out_ch),), f"{w.where()}: grouped convolution reading channels in a fixed order")
+            w.u.fix(
+                (Piece(basis, out_ch),), f"{w.where()}: grouped convolution reading channels in a fixed order"
+            )
     else:
-        w.u.fix((Piece(basis, out_ch),), f"{w.where()}: grouped convolution reading channels in a fixed order")
+        w.u.fix(
+            (Piece(basis, out_ch),), f"{w.where()}: grouped convolution reading channels in a fixed order"
+        )
     axes[ch] = (Piece(basis, out_ch),)
     return w.clean(Act(shape, axes))
 
@@ -109,13 +123,24 @@ def convolution(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
 _SPATIAL = {
     **{
         f"{n}{k}d": k
-        for n in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "lp_pool", "_adaptive_avg_pool")
+        for n in (
+            "max_pool",
+            "avg_pool",
+            "adaptive_avg_pool",
+            "adaptive_max_pool",
+            "lp_pool",
+            "_adaptive_avg_pool",
+        )
         for k in (1, 2, 3)
     },
     **{f"max_pool{k}d_with_indices": k for k in (1, 2, 3)},
     **{f"reflection_pad{k}d": k for k in (1, 2, 3)},
     **{f"replication_pad{k}d": k for k in (1, 2, 3)},
-    **{f"upsample_{m}{k}d": k for m in ("nearest", "bilinear", "bicubic", "linear", "trilinear") for k in (1, 2, 3)},
+    **{
+        f"upsample_{m}{k}d": k
+        for m in ("nearest", "bilinear", "bicubic", "linear", "trilinear")
+        for k in (1, 2, 3)
+    },
     "upsample_nearest2d": 2,
     "upsample_bilinear2d": 2,
     "constant_pad_nd": None,

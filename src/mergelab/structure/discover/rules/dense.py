@@ -21,7 +21,11 @@ def linear(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
     if not isinstance(x, Act):
         return NotImplemented
     if isinstance(weight, Act):
-        wt = w.permuted(weight, [1, 0], (weight.shape[1], weight.shape[0])) if len(weight.shape) == 2 else weight
+        wt = (
+            w.permuted(weight, [1, 0], (weight.shape[1], weight.shape[0]))
+            if len(weight.shape) == 2
+            else weight
+        )
         res = w.matmul(x, wt, w.out_shape())
         return w.elementwise([res, bias]) if isinstance(bias, (Act, Param)) else res
     return w.param_dense(x, weight, bias, 0, 1, w.out_shape())
@@ -32,7 +36,12 @@ def addmm(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
     """``bias + x @ W`` with ``W`` laid ``(in, out)`` — GPT-2's ``Conv1D`` — or any other product plus a term."""
     bias, x, mat = args[0], args[1], args[2]
     beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
-    if isinstance(x, Act) and isinstance(mat, Param) and isinstance(bias, (Param, Other)) and beta == alpha == 1:
+    if (
+        isinstance(x, Act)
+        and isinstance(mat, Param)
+        and isinstance(bias, (Param, Other))
+        and beta == alpha == 1
+    ):
         b = bias if isinstance(bias, Param) and len(bias.shape) == 1 else None
         if b is not None or isinstance(bias, Other):
             return w.param_dense(x, mat, b, 1, 0, w.out_shape())

@@ -8,30 +8,170 @@ from mergelab.structure.discover.rules import rule
 from mergelab.structure.discover.values import Act, Param, Seq
 from mergelab.structure.discover.walk import Walk, arg, c, ndim, op_overload
 
-_UNARY_BINARY = """
-add sub rsub mul div pow neg abs exp exp2 expm1 log log2 log10 log1p sqrt rsqrt reciprocal square sign sgn
-sigmoid tanh relu relu6 gelu silu mish hardswish hardsigmoid hardtanh elu selu celu leaky_relu softplus
-softshrink hardshrink logsigmoid sin cos tan atan sinh cosh asin acos erf erfc erfinv clamp clip clamp_min
-clamp_max where maximum minimum fmax fmin lerp addcmul addcdiv nan_to_num round floor ceil trunc frac
-logical_not logical_and logical_or logical_xor bitwise_not bitwise_and bitwise_or bitwise_xor __and__ __or__
-__xor__ isnan isinf isfinite masked_fill eq ne lt le gt ge remainder fmod floor_divide true_divide threshold
-atan2 hypot copysign
-dropout feature_dropout alpha_dropout feature_alpha_dropout
-to _to_copy type_as alias clone contiguous detach lift_fresh_copy fill zeros_like ones_like full_like empty_like
-rand_like randn_like positive
-""".split()
+_UNARY_BINARY = [
+    "add",
+    "sub",
+    "rsub",
+    "mul",
+    "div",
+    "pow",
+    "neg",
+    "abs",
+    "exp",
+    "exp2",
+    "expm1",
+    "log",
+    "log2",
+    "log10",
+    "log1p",
+    "sqrt",
+    "rsqrt",
+    "reciprocal",
+    "square",
+    "sign",
+    "sgn",
+    "sigmoid",
+    "tanh",
+    "relu",
+    "relu6",
+    "gelu",
+    "silu",
+    "mish",
+    "hardswish",
+    "hardsigmoid",
+    "hardtanh",
+    "elu",
+    "selu",
+    "celu",
+    "leaky_relu",
+    "softplus",
+    "softshrink",
+    "hardshrink",
+    "logsigmoid",
+    "sin",
+    "cos",
+    "tan",
+    "atan",
+    "sinh",
+    "cosh",
+    "asin",
+    "acos",
+    "erf",
+    "erfc",
+    "erfinv",
+    "clamp",
+    "clip",
+    "clamp_min",
+    "clamp_max",
+    "where",
+    "maximum",
+    "minimum",
+    "fmax",
+    "fmin",
+    "lerp",
+    "addcmul",
+    "addcdiv",
+    "nan_to_num",
+    "round",
+    "floor",
+    "ceil",
+    "trunc",
+    "frac",
+    "logical_not",
+    "logical_and",
+    "logical_or",
+    "logical_xor",
+    "bitwise_not",
+    "bitwise_and",
+    "bitwise_or",
+    "bitwise_xor",
+    "__and__",
+    "__or__",
+    "__xor__",
+    "isnan",
+    "isinf",
+    "isfinite",
+    "masked_fill",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "remainder",
+    "fmod",
+    "floor_divide",
+    "true_divide",
+    "threshold",
+    "atan2",
+    "hypot",
+    "copysign",
+    "dropout",
+    "feature_dropout",
+    "alpha_dropout",
+    "feature_alpha_dropout",
+    "to",
+    "_to_copy",
+    "type_as",
+    "alias",
+    "clone",
+    "contiguous",
+    "detach",
+    "lift_fresh_copy",
+    "fill",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "empty_like",
+    "rand_like",
+    "randn_like",
+    "positive",
+]
 _NO_INPLACE = {"to", "type_as", "alias", "contiguous", "detach", "lift_fresh_copy", "_to_copy"}
 _INPLACE = [f"{n}_" for n in _UNARY_BINARY if n not in _NO_INPLACE and not n.endswith("_like")]
-_REDUCTIONS = """
-mean sum amax amin var std var_mean std_mean linalg_vector_norm norm logsumexp prod nansum nanmean all any
-count_nonzero
-""".split()
-_ORDERED = """
-cumsum cumprod logcumsumexp flip roll sort argsort topk argmax argmin diff cummax cummin
-""".split()
-_METADATA = """
-_assert_tensor_metadata sym_size sym_numel sym_stride _assert_async _assert_scalar sym_constrain_range_for_size
-""".split()
+_REDUCTIONS = [
+    "mean",
+    "sum",
+    "amax",
+    "amin",
+    "var",
+    "std",
+    "var_mean",
+    "std_mean",
+    "linalg_vector_norm",
+    "norm",
+    "logsumexp",
+    "prod",
+    "nansum",
+    "nanmean",
+    "all",
+    "any",
+    "count_nonzero",
+]
+_ORDERED = [
+    "cumsum",
+    "cumprod",
+    "logcumsumexp",
+    "flip",
+    "roll",
+    "sort",
+    "argsort",
+    "topk",
+    "argmax",
+    "argmin",
+    "diff",
+    "cummax",
+    "cummin",
+]
+_METADATA = [
+    "_assert_tensor_metadata",
+    "sym_size",
+    "sym_numel",
+    "sym_stride",
+    "_assert_async",
+    "_assert_scalar",
+    "sym_constrain_range_for_size",
+]
 
 
 @rule(*_UNARY_BINARY, *_INPLACE)
@@ -106,7 +246,9 @@ def reduce(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
     assert w.node is not None
     nd = len(x.shape)
     name = w.node.target._opname  # type: ignore[union-attr]
-    dim = arg(args, kwargs, 2, "dim") if name in ("linalg_vector_norm", "norm") else arg(args, kwargs, 1, "dim")
+    dim = (
+        arg(args, kwargs, 2, "dim") if name in ("linalg_vector_norm", "norm") else arg(args, kwargs, 1, "dim")
+    )
     dim = c(dim)
     if dim is None or isinstance(dim, bool) or dim == []:
         dims = list(range(nd))

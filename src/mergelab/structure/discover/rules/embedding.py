@@ -27,7 +27,9 @@ def embedding(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
         w.pin(weight, f"used as an embedding table at {w.where()}")
         return Act(shape)
     pdim, off = weight.dims[1]
-    basis, new = w.producer(f"{weight.name}:{pdim}:{off}", weight.shape[1], weight.name.removesuffix(".weight"))
+    basis, new = w.producer(
+        f"{weight.name}:{pdim}:{off}", weight.shape[1], weight.name.removesuffix(".weight")
+    )
     if new:
         w.u.b[basis].axes.append(Axis(weight.name, pdim, "out", 1, off))
     return Act(shape, {len(shape) - 1: (Piece(basis, weight.shape[1]),)})

@@ -85,7 +85,14 @@ def batch_norm(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
     return _channels(w, x, list(args[1:5]), w.out_shape())
 
 
-@rule("_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_batch_norm", "_batch_norm_with_update", "_batch_norm_no_update", "_native_batch_norm_legit_functional")
+@rule(
+    "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit",
+    "native_batch_norm",
+    "_batch_norm_with_update",
+    "_batch_norm_no_update",
+    "_native_batch_norm_legit_functional",
+)
 def native_batch_norm(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
     x = args[0]
     if not isinstance(x, Act):
@@ -93,7 +100,13 @@ def native_batch_norm(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
     desc = w.out()
     out = _channels(w, x, list(args[1:5]), desc[0].shape)
     ch = 1 if len(x.shape) >= 2 else 0
-    rest = [Act(d.shape, {0: out.axes[ch]} if ch in out.axes and len(d.shape) == 1 and d.shape[0] == x.shape[ch] else {}) for d in desc[1:]]
+    rest = [
+        Act(
+            d.shape,
+            {0: out.axes[ch]} if ch in out.axes and len(d.shape) == 1 and d.shape[0] == x.shape[ch] else {},
+        )
+        for d in desc[1:]
+    ]
     return Seq((out, *rest))
 
 
@@ -112,7 +125,9 @@ def group_norm(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
     x = args[0]
     if not isinstance(x, Act):
         return NotImplemented
-    return _group(w, x, int(c(args[1])), [arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")], w.out_shape())
+    return _group(
+        w, x, int(c(args[1])), [arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")], w.out_shape()
+    )
 
 
 @rule("native_group_norm")

@@ -10,7 +10,18 @@ from mergelab.structure.discover.values import Act, Other, Param, Seq, tensor_li
 from mergelab.structure.discover.walk import INPUT_REASON, Walk, arg, broadcast_param, c, ndim
 
 
-@rule("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "ravel")
+@rule(
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "view_as",
+    "reshape_as",
+    "ravel",
+)
 def reshape(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
     """Row-major reshapes: split and merge axes; units may end up split into (heads, within-head) axes."""
     return w.reshape(args[0], w.out_shape())
@@ -75,7 +86,9 @@ def repeat(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
     shape = w.out_shape()
     if isinstance(v, Param):
         pad = len(shape) - len(v.shape)
-        if all(v.shape[k] == 1 or v.dims[k] is None or shape[k + pad] == v.shape[k] for k in range(len(v.shape))):
+        if all(
+            v.shape[k] == 1 or v.dims[k] is None or shape[k + pad] == v.shape[k] for k in range(len(v.shape))
+        ):
             return broadcast_param(v, shape)  # tiled along axes of one entry: a broadcast
         w.pin(v, f"repeated by {w.where()}")
         return Act(shape)
@@ -307,7 +320,9 @@ def index(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
     if not tensor_like(v):
         return NotImplemented
     shape = w.out_shape()
-    used = [k for k, i in enumerate(indices) if i is not None and not (isinstance(i, Other) and i.value is None)]
+    used = [
+        k for k, i in enumerate(indices) if i is not None and not (isinstance(i, Other) and i.value is None)
+    ]
     contiguous = used == list(range(used[0], used[-1] + 1)) if used else True
     if isinstance(v, Act):
         v = w.degrade_all(v, "indexing")
@@ -332,7 +347,17 @@ def index(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
     return Act(shape, {new(a): lay for a, lay in v.axes.items() if a not in used})
 
 
-@rule("index_select", "gather", "take_along_dim", "scatter", "scatter_add", "index_add", "index_copy", "index_put", "index_fill")
+@rule(
+    "index_select",
+    "gather",
+    "take_along_dim",
+    "scatter",
+    "scatter_add",
+    "index_add",
+    "index_copy",
+    "index_put",
+    "index_fill",
+)
 def gather(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
     """Gathers and scatters along an axis: units there stay in place; other tracked axes are kept fixed too."""
     v = args[0]
@@ -354,3 +379,25 @@ def new_tensor(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
 
 
 _ = Seq
+
+
+@rule("repeat_interleave")
+def repeat_interleave(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """``x.repeat_interleave(n, dim)``: each entry repeated ``n`` times in place (``repeat_kv`` written short)."""
+    v = args[0]
+    repeats, dim = c(arg(args, kwargs, 1, "repeats")), c(arg(args, kwargs, 2, "dim"))
+    if not isinstance(v, Act) or not isinstance(repeats, int) or dim is None:
+        if isinstance(v, Act) and v.tracked:
+            return w.plain_from(v, "repeat_interleave without a fixed count and axis")
+        return NotImplemented
+    d = ndim(dim, len(v.shape))
+    shape = w.out_shape()
+    expanded = Act(
+        (*v.shape[: d + 1], repeats, *v.shape[d + 1 :]),
+        {a if a <= d else a + 1: lay for a, lay in v.axes.items()},
+        {
+            (dd if dd <= d else dd + 1): (tuple(h if h <= d else h + 1 for h in hs), lay)
+            for dd, (hs, lay) in v.pairs.items()
+        },
+    )
+    return w.reshape(expanded, shape)
