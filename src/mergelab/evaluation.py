@@ -1,4 +1,10 @@
-"""Loss and accuracy of a model on a loader: the one evaluation every layer uses."""
+"""Loss and accuracy of a model on a loader: the one evaluation every layer uses.
+
+Targets are one class per sample ``y: (N,)`` with outputs ``(N, C)``, or one class per position ``y: (N, T)``
+with outputs ``(N, T, C)`` (a language model's next tokens): then every position counts as a sample, so the loss
+is the mean per-token cross-entropy (``exp`` of it is the perplexity). A model may return its scores directly or
+as the ``logits`` attribute of an output object (Hugging Face ``ModelOutput``).
+"""
 
 from __future__ import annotations
 
@@ -28,6 +34,22 @@ def split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
         y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
         return batch[0], y
     raise TypeError(f"a batch must be a Tensor x or a tuple (x, y), got {type(batch).__name__}")
+
+
+def scores_and_targets(out: object, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A model output and its targets as ``(samples, C)`` scores and ``(samples,)`` classes.
+
+    Unwraps ``out.logits`` (Hugging Face outputs) and flattens per-position targets ``(N, T)`` with scores
+    ``(N, T, C)`` into ``N·T`` samples; per-sample ``(N, C)`` / ``(N,)`` pass through unchanged.
+    """
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"the model returned {type(out).__name__}; expected a Tensor or an object with .logits"
+        )
+    if y.ndim >= 2 and logits.ndim == y.ndim + 1 and logits.shape[:-1] == y.shape:
+        return logits.reshape(-1, logits.shape[-1]), y.reshape(-1)  # (N·T, C), (N·T,)
+    return logits, y
 
 
 @torch.no_grad()
@@ -63,7 +85,7 @@ def evaluate(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], data: It
             x, y = split_batch(batch)
             if y is None:
                 raise ValueError("evaluate: the loader yields no labels; it must yield (x, y) batches")
-            out = model(x)
+            out, y = scores_and_targets(model(x), y)
             total_loss += F.cross_entropy(out, y, reduction="sum").item()
             correct += (out.argmax(-1) == y).sum().item()
             count += len(y)

@@ -169,7 +169,9 @@ def interpolate(
     Args:
         a, b: two models of one architecture (align ``b`` to ``a`` first to study connectivity modulo
             permutations).
-        data: batches ``(x, y)``: the curve's "train" metrics, and the statistics for ``repair``.
+        data: batches ``(x, y)``: the curve's "train" metrics, and the statistics for ``repair``. ``y`` may hold
+            one target per position (``(N, T)``, e.g. a language model's next tokens): the loss is then the mean
+            per-token cross-entropy, whose ``exp`` is the perplexity (see :mod:`mergelab.evaluation`).
         steps: number of evenly spaced λ in [0, 1] (≥ 2).
         test_data: optional second loader for "test" metrics.
         repair: correct interior points with ``"reset"`` (BatchNorm statistics) or ``"repair"`` (REPAIR towards

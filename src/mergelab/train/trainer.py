@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mergelab.evaluation import Metrics, evaluate, split_batch
+from mergelab.evaluation import Metrics, evaluate, scores_and_targets, split_batch
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,8 @@ def train(
     """Train ``model`` in place with cross-entropy and return its learning curves.
 
     Args:
-        model: any classifier ``x -> logits``.
+        model: any classifier ``x -> logits`` (per sample, or per position with ``(N, T)`` targets such as a
+            language model's next tokens; see :mod:`mergelab.evaluation`).
         train_data: a ``Dataset`` of ``(x, y)`` (shuffled with ``config.data_seed``) or a ready ``DataLoader``.
         config: hyper-parameters (defaults: Adam, cosine schedule, 20 epochs).
         test_data: evaluated after every epoch.
@@ -230,7 +231,7 @@ def _run(
                 raise ValueError("train: the training data yields no labels; it must yield (x, y)")
             for cb in callbacks:
                 cb.before_step(state)
-            out = state.model(x)
+            out, y = scores_and_targets(state.model(x), y)
             loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"train: loss became {loss.item()} at epoch {epoch}; lower the lr")
