@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mergelab import __version__
-from mergelab.io.run_dir import prepare_run_dir
+from mergelab.io.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +55,16 @@ def save(
     """
     from safetensors.torch import save_file
 
-    path = prepare_run_dir(path, force=force)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path / WEIGHTS))
     config = {
         "mergelab_version": __version__,
         "model": getattr(model, "mergelab_spec", None),
         "metadata": dict(metadata or {}),
     }
-    (path / CONFIG).write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
-    return path
+    with RunDir(path, force=force) as tmp:  # written aside, renamed into place when complete
+        save_file(tensors, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
+    return Path(path)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
