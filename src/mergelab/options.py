@@ -20,6 +20,7 @@ import json
 import math
 import types
 import typing
+from collections import abc
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union
 
@@ -60,11 +61,12 @@ def parse_for_callable(fn: Callable[..., Any], values: Mapping[str, Any], who: s
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     out = {}
     for k, v in values.items():
-        if k not in params and not accepts_any:
+        if k in ("models", "data", "model") or (k not in params and not accepts_any):
             valid = [
                 n
                 for n, p in params.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY or p.default is not p.empty
+                if n not in ("models", "data", "model")
+                and (p.kind is inspect.Parameter.KEYWORD_ONLY or p.default is not p.empty)
             ]
             raise OptionError(f"{who}: unknown option {k!r}; valid: {valid}")
         hint = hints.get(k)
@@ -97,7 +99,7 @@ def _describe(hint: Any) -> str:
         return "a string"
     if origin is Literal:
         return f"one of {list(args)}"
-    if origin in (tuple, list):
+    if origin in (tuple, list, abc.Sequence):
         inner = args[0] if args else Any
         return (
             f"a list of {_describe(inner).removeprefix('an ').removeprefix('a ')}s (JSON list or comma list)"
@@ -168,7 +170,7 @@ def _convert(value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             return value
         raise _Bad(_describe(hint))
-    if origin in (tuple, list) or hint in (tuple, list):
+    if origin in (tuple, list, abc.Sequence) or hint in (tuple, list):
         items = _items(value)
         if items is None:
             raise _Bad(_describe(hint))
@@ -177,10 +179,12 @@ def _convert(value: Any, hint: Any) -> Any:
                 raise _Bad(f"{len(args)} values ({', '.join(_describe(a) for a in args)})")
             return tuple(_convert(v, a) for v, a in zip(items, args, strict=True))
         inner = args[0] if args else Any
-        try:
-            conv = [_convert(v, inner) for v in items]
-        except _Bad:
-            raise _Bad(_describe(hint)) from None
+        conv = []
+        for v in items:
+            try:
+                conv.append(_convert(v, inner))
+            except _Bad as e:
+                raise _Bad(f"{_describe(hint)}; {v!r} is not {e}") from None
         return tuple(conv) if (origin or hint) is tuple else conv
     if origin is dict or hint is dict:
         if isinstance(value, str):

@@ -109,12 +109,12 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             raise CheckpointError(
                 f"checkpoint {folder}: config has no model spec (not a zoo model); pass model= to load into"
             )
-        from mergelab.models import build_model
+        from mergelab.models import build_from_spec
 
         try:
-            model = build_model(
-                spec["arch"], tuple(spec["input_shape"]), spec["num_classes"], **spec["kwargs"]
-            )
+            model = build_from_spec(
+                spec
+            )  # a zoo model, or a merged one (e.g. multi-head) built from zoo specs
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {folder}: cannot rebuild model from {spec}: {e}") from e
     if not weights.is_file():

@@ -34,6 +34,7 @@ PARTIAL_SUFFIX = ".partial"
 # Files whose presence says "a mergelab command wrote this folder": only such folders may be replaced.
 _OUTPUT_MARKERS = ("config.json", "report.md", "curve.json", "metrics.json", "model.safetensors")
 _OPEN: set[Path] = set()  # temporary folders being written by this process (nested writes go straight in)
+_ACTIVE: list[RunDir] = []  # opened and neither committed nor aborted yet (see abort_open)
 
 
 class RunDirBusyError(RuntimeError):
@@ -128,6 +129,7 @@ class RunDir:
             self._unlock()
             raise
         _OPEN.add(self.tmp.resolve())
+        _ACTIVE.append(self)
         return self.tmp
 
     def commit(self) -> Path:
@@ -150,15 +152,13 @@ class RunDir:
                     target.rmdir()  # an empty folder (e.g. made by the user beforehand)
                 os.rename(self.tmp, target)
         finally:
-            _OPEN.discard(self.tmp.resolve())
-            self._unlock()
+            self._close()
         return self.path
 
     def abort(self) -> None:
         """Drop the temporary folder (a resumable one is kept for the next run); the target is untouched."""
         if self._nested:
             return
-        _OPEN.discard(self.tmp.resolve())
         try:
             if self.resumable:
                 if self.tmp.exists():
@@ -166,7 +166,13 @@ class RunDir:
             else:
                 _remove(self.tmp)
         finally:
-            self._unlock()
+            self._close()
+
+    def _close(self) -> None:
+        _OPEN.discard(self.tmp.resolve())
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        self._unlock()
 
     # ---------------------------------------------------------------------------------------------- helpers
     def _tmp_name(self) -> Path:
@@ -234,6 +240,12 @@ class RunDir:
             os.unlink(self.path.with_name(f".{self.path.name}.lock"))
         os.close(self._lock_fd)
         self._lock_fd = None
+
+
+def abort_open() -> None:
+    """Abort every :class:`RunDir` this process opened without ``with`` and did not commit (after an error)."""
+    for rd in reversed(list(_ACTIVE)):
+        rd.abort()
 
 
 def prepare_run_dir(path: str | Path, *, force: bool = False) -> Path:
