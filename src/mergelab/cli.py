@@ -446,6 +446,8 @@ _RUN_FAILURE = (RuntimeError, OSError, MemoryError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mergelab.io.run_dir import abort_unfinished
+
     parser = build_parser()
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     for p in parser._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
@@ -456,7 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("mergelab.experiments.runner").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        return int(args.fn(args) or 0)
+        with abort_unfinished():  # an output folder a failed command left open is dropped; the old one stays
+            return int(args.fn(args) or 0)
     except KeyboardInterrupt:
         print(f"mergelab {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -474,10 +477,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "" if args.debug else " (--debug shows the traceback)" if code == 1 else ""
         print(f"mergelab {args.command}: {what}: {msg}{hint}", file=sys.stderr)
         return code
-    finally:
-        from mergelab.io.run_dir import abort_open
-
-        abort_open()  # an output folder left open by a failed command is dropped; the old one stays
 
 
 if __name__ == "__main__":

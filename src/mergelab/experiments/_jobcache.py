@@ -77,7 +77,8 @@ class JobCache:
         tmp.write_text(json.dumps({"result": tree, "tensors": len(tensors)}))
         os.replace(tmp, self.folder / f"{key}.json")
 
-    def __len__(self) -> int:
+    def count(self) -> int:
+        """How many finished jobs are stored."""
         return len(list(self.folder.glob("*.json"))) if self.folder.is_dir() else 0
 
 

@@ -64,10 +64,10 @@ class Executor:
     def map(self, fn: Callable[[T], R], items: Sequence[T], desc: str = "jobs") -> list[R]:
         items = list(items)
         results: list[Any] = [None] * len(items)
-        keys: list[str | None] = [self.cache.key(fn, it) if self.cache else None for it in items]
+        keys: list[str | None] = [self.cache.key(fn, it) if self.cache is not None else None for it in items]
         todo: list[int] = []
         for i, key in enumerate(keys):
-            hit = self.cache.get(key) if self.cache and key else None
+            hit = self.cache.get(key) if self.cache is not None and key else None
             if hit is not None:
                 results[i] = hit[0]
                 self.reused += 1
@@ -80,7 +80,7 @@ class Executor:
             def done(j: int, result: Any) -> None:
                 i = todo[j]
                 results[i] = result
-                if self.cache and keys[i]:
+                if self.cache is not None and keys[i]:
                     self.cache.put(keys[i], result)
                 self.computed += 1
                 bar.update(1)
@@ -427,7 +427,7 @@ def _adopt_previous(folder: Path, final: Path, record: dict[str, Any], *, force:
         log.info("config differs in %s; reusing only the jobs whose options match", ", ".join(diff))
     if source == final:
         shutil.copytree(final, folder, dirs_exist_ok=True)
-    n = len(JobCache(folder / "jobs"))
+    n = JobCache(folder / "jobs").count()
     log.info("resuming %s: %d finished job result(s) on disk", final, n)
 
 

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -34,7 +34,7 @@ PARTIAL_SUFFIX = ".partial"
 # Files whose presence says "a mergelab command wrote this folder": only such folders may be replaced.
 _OUTPUT_MARKERS = ("config.json", "report.md", "curve.json", "metrics.json", "model.safetensors")
 _OPEN: set[Path] = set()  # temporary folders being written by this process (nested writes go straight in)
-_ACTIVE: list[RunDir] = []  # opened and neither committed nor aborted yet (see abort_open)
+_ACTIVE: list[RunDir] = []  # opened and neither committed nor aborted yet (see abort_unfinished)
 
 
 class RunDirBusyError(RuntimeError):
@@ -86,7 +86,7 @@ class RunDir:
         inputs: Iterable[str | Path] = (),
         resumable: bool = False,
     ) -> None:
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(os.path.expanduser(path)))  # "." and "x/.." get a real name
         self.force = force
         self.inputs = list(inputs)
         self.resumable = resumable
@@ -242,10 +242,18 @@ class RunDir:
         self._lock_fd = None
 
 
-def abort_open() -> None:
-    """Abort every :class:`RunDir` this process opened without ``with`` and did not commit (after an error)."""
-    for rd in reversed(list(_ACTIVE)):
-        rd.abort()
+@contextlib.contextmanager
+def abort_unfinished() -> Iterator[None]:
+    """Abort every :class:`RunDir` opened (without ``with``) inside this block and not committed when it ends.
+
+    Lets a command open its output early and commit at the end without nesting its whole body in ``with``.
+    """
+    before = list(_ACTIVE)
+    try:
+        yield
+    finally:
+        for rd in reversed([rd for rd in _ACTIVE if rd not in before]):
+            rd.abort()
 
 
 def prepare_run_dir(path: str | Path, *, force: bool = False) -> Path:
