@@ -157,7 +157,7 @@ def test_a_killed_writer_leaves_nothing_that_looks_complete(tmp_path: Path) -> N
 
 
 # ------------------------------------------------------------------------------------------------ resumable studies
-_DEMO = ["--set", "epochs=2", "--set", "width=8", "--set", "depth=1", "--set", "seeds=0,1,2,3,4,5"]
+_DEMO = ["--set", "epochs=2", "--set", "width=8", "--set", "depth=1", "--set", "seeds=0,1,2,3"]
 _DEMO += ["--set", "methods=average", "--set", "interpolation_steps=3", "-q"]
 
 
@@ -182,7 +182,7 @@ def test_a_killed_study_resumes_with_the_same_metrics_and_no_recomputation(
     proc.wait()
     assert not out.exists() and not (partial / "report.md").exists()
     done = sorted(p.name for p in jobs.glob("*.json"))
-    assert 1 <= len(done) <= 6
+    assert 1 <= len(done) <= 4
     _wait_gone(workers)  # the worker processes do not outlive their driver
 
     before = {n: (jobs / n).read_bytes() for n in done}
@@ -192,8 +192,8 @@ def test_a_killed_study_resumes_with_the_same_metrics_and_no_recomputation(
 
     caplog.set_level("INFO", logger="mergelab.experiments.runner")
     assert main(["run", "demo", "--out", str(out), "--workers", "1", "--resume", *_DEMO]) == 0
-    assert f"reused {len(done)} of 6 jobs" in caplog.text
-    assert f"computed {6 - len(done)}" in caplog.text
+    assert f"reused {len(done)} of 4 jobs" in caplog.text
+    assert f"computed {4 - len(done)}" in caplog.text
     assert not partial.exists() and (out / "report.md").is_file()
     assert all((out / "jobs" / n).read_bytes() == b for n, b in before.items())  # finished jobs untouched
 
@@ -204,7 +204,7 @@ def test_a_killed_study_resumes_with_the_same_metrics_and_no_recomputation(
 
     caplog.clear()  # --resume of a complete run recomputes nothing
     assert main(["run", "demo", "--out", str(out), "--workers", "1", "--resume", *_DEMO]) == 0
-    assert "reused 6 of 6 jobs" in caplog.text and "computed 0" in caplog.text
+    assert "reused 4 of 4 jobs" in caplog.text and "computed 0" in caplog.text
 
 
 def _descendants(pid: int) -> list[int]:
@@ -391,3 +391,28 @@ def test_evaluation_restores_each_submodules_mode() -> None:
         bns = [mod for mod in m.modules() if isinstance(mod, nn.BatchNorm1d)]
         assert bns and not any(bn.training for bn in bns)
     assert models[0].training
+
+
+@pytest.mark.ray
+def test_ray_processes_end_with_a_killed_driver() -> None:
+    pytest.importorskip("ray")
+    code = (
+        "import time\n"
+        "from mergelab.experiments.runner import make_executor\n"
+        "ex = make_executor('ray', progress=False, num_cpus=1)\n"
+        "print('READY', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": _src()}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
+        time.sleep(2)  # let the watchdog note Ray's helper agents
+        from mergelab.experiments._watchdog import ray_descendants
+
+        ray_pids = list(ray_descendants(proc.pid))
+        assert ray_pids
+    finally:
+        proc.kill()
+        proc.wait()
+    _wait_gone(ray_pids, timeout=30)
