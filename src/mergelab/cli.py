@@ -423,7 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="reuse the finished jobs of an existing or interrupted run folder",
     )
-    p.add_argument("--workers", type=int, default=None, help="parallel job processes (default: one per core)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="parallel job processes (default: $MERGELAB_WORKERS, else one per core)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_run)
 

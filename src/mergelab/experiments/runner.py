@@ -41,7 +41,8 @@ class Executor:
 
     Args:
         progress: show a progress bar.
-        workers: processes to use (default: one per CPU core, at most one per job); 1 runs the jobs here, in turn.
+        workers: processes to use (default: ``$MERGELAB_WORKERS``, else one per CPU core); 1 runs the jobs here,
+            in turn (so does a single job).
         cache: where finished jobs are stored and found again (a run folder's ``jobs/``); ``None``: no cache.
 
     ``map`` returns the results in the order of ``items``. A job whose result is in the cache is not run again;
@@ -60,6 +61,7 @@ class Executor:
         self.cache = JobCache(cache) if isinstance(cache, (str, Path)) else cache
         self.reused = 0
         self.computed = 0
+        self._pool: ProcessPoolExecutor | None = None
 
     def map(self, fn: Callable[[T], R], items: Sequence[T], desc: str = "jobs") -> list[R]:
         items = list(items)
@@ -90,18 +92,17 @@ class Executor:
         return results
 
     def _run(self, fn: Callable[[T], Any], items: list[T], done: Callable[[int, Any], None]) -> None:
-        workers = min(self.workers or os.cpu_count() or 1, len(items))
-        if workers <= 1:
+        workers = self.workers or int(os.environ.get("MERGELAB_WORKERS", 0)) or os.cpu_count() or 1
+        if min(workers, len(items)) <= 1:
             for j, item in enumerate(items):
                 done(j, fn(item))
             return
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        pool = ProcessPoolExecutor(
-            workers,
-            mp_context=_mp_context(),
-            initializer=_worker_init,
-            initargs=(os.getpid(), threads),
-        )
+        if self._pool is None:  # kept for the executor's life: workers import a study's modules once
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            self._pool = ProcessPoolExecutor(
+                workers, mp_context=_mp_context(), initializer=_worker_init, initargs=(os.getpid(), threads)
+            )
+        pool = self._pool
         futures = {pool.submit(fn, item): j for j, item in enumerate(items)}
         finished: set[Future] = set()
         try:
@@ -120,12 +121,14 @@ class Executor:
                 except BaseException:
                     continue
                 done(futures[fut], res)
+            self.close()
             raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
-        pass
+        """Stop the worker processes (the executor can still be used: a new pool starts when needed)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
 
 def _mp_context() -> Any:
