@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mergelab-installed
 DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow test-ray lint bench clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,11 @@ test: setup  ## the test suite CI runs (slow studies excluded; property tests in
 	$(VENV)/bin/python -m pytest -q
 
 test-slow: setup  ## also the slow study tests
-	$(VENV)/bin/python -m pytest -q -m "slow or not slow"
+	$(VENV)/bin/python -m pytest -q -m "not ray"
+
+test-ray: setup  ## the Ray backend's tests (installs the ray extra)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[ray]"
+	$(VENV)/bin/python -m pytest -q -m ray
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,10 @@ def _data_from_checkpoint(args: argparse.Namespace, checkpoint: str, required: b
     from mergelab.io import read_config
 
     ds = (read_config(checkpoint).get("metadata") or {}).get("dataset") or {}
-    if ds:
+    if ds.get("name"):
         args.data, args.data_seed, args.data_root = ds["name"], ds.get("seed", 0), ds.get("root")
+    elif ds and required:
+        raise ValueError(f"{checkpoint}: the recorded dataset has no name ({ds}); pass --data")
     elif required:
         raise ValueError(f"{checkpoint}: no dataset recorded in the checkpoint; pass --data")
 
@@ -54,29 +57,43 @@ def _loader(dataset: Any, batch_size: int = 256, shuffle: bool = False) -> Any:
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
 
 
-def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"option {item!r} must look like key=value")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+def _typed_options(fn: Any, items: Sequence[str], who: str) -> dict[str, Any]:
+    """``KEY=VALUE`` strings parsed against ``fn``'s parameter types (one-line error naming key, value, type)."""
+    from mergelab.options import parse_for_callable, split_kv
+
+    return parse_for_callable(fn, split_kv(items), who)
+
+
+def _check_matches_data(model: Any, data: Any, checkpoint: str) -> None:
+    """A zoo model given another dataset's inputs: say so before a forward pass fails obscurely."""
+    spec = getattr(model, "mergelab_spec", None) or {}
+    for s in spec.get("branches", [spec]):
+        if "input_shape" in s and tuple(s["input_shape"]) != tuple(data.input_shape):
+            raise ValueError(
+                f"{checkpoint} takes inputs of shape {tuple(s['input_shape'])} but {data.name} has "
+                f"{tuple(data.input_shape)}; pass the --data it was trained on"
+            )
+
+
+def _tasks_of(checkpoint: str) -> Any:
+    from mergelab.io import read_config
+
+    return (
+        ((read_config(checkpoint).get("metadata") or {}).get("merge") or {}).get("options", {}).get("tasks")
+    )
 
 
 # --------------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from mergelab.io import prepare_run_dir, save
+    from mergelab.io import RunDir, save
     from mergelab.models import build_model
+    from mergelab.models.registry import get_builder
     from mergelab.train import TrainConfig, train
 
+    kwargs = _typed_options(get_builder(args.arch), args.model_arg, f"--model-arg ({args.arch})")
     data = _load_data(args)
-    kwargs = _parse_kv(args.model_arg)
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -88,7 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         data_seed=args.seed if args.order_seed is None else args.order_seed,
         progress=not args.quiet,
     )
-    out = prepare_run_dir(args.out, force=args.force)  # refuse early, before spending time on training
+    run_dir = RunDir(args.out, force=args.force)  # refused early, before spending time on training
+    out = run_dir.open()  # a temporary sibling, renamed into place when complete (main() drops it on error)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, data.input_shape, data.num_classes, **kwargs)
     extra: dict[str, Any] = {}
@@ -132,21 +150,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         **extra,
     }
     save(model, out, metadata=meta, force=True)
-    print(f"{args.arch} on {data.name}: test accuracy {test.accuracy:.4f}, loss {test.loss:.4f} → {out}")
+    run_dir.commit()
+    print(f"{args.arch} on {data.name}: test accuracy {test.accuracy:.4f}, loss {test.loss:.4f} → {args.out}")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mergelab.evaluation import evaluate
+    from mergelab.evaluation import evaluate, evaluate_tasks
     from mergelab.io import load
 
     _data_from_checkpoint(args, args.checkpoint)
     data = _load_data(args)
     model = load(args.checkpoint)
-    rows = {}
+    _check_matches_data(model, data, args.checkpoint)
+    rows: dict[str, Any] = {}
     for split in ("train", "test"):
-        m = evaluate(model, _loader(getattr(data, split)))
+        loader = _loader(getattr(data, split))
+        if hasattr(model, "forward_tasks"):  # one head per task: score each task, and all jointly
+            per = evaluate_tasks(model, loader, _tasks_of(args.checkpoint))
+            rows[split] = {k: m.to_dict() for k, m in per.items()}
+            for k, m in per.items():
+                print(f"{split:5s}  {k:6s} accuracy {m.accuracy:.4f}  loss {m.loss:.4f}  (n={m.count})")
+            continue
+        m = evaluate(model, loader)
         rows[split] = m.to_dict()
         print(f"{split:5s}  accuracy {m.accuracy:.4f}  loss {m.loss:.4f}  (n={m.count})")
     if args.json:
@@ -156,20 +183,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------- merge
 def cmd_merge(args: argparse.Namespace) -> int:
-    from mergelab.evaluation import evaluate
-    from mergelab.io import load, prepare_run_dir, save
+    from mergelab.evaluation import evaluate, evaluate_tasks
+    from mergelab.io import RunDir, load, save
     from mergelab.merge import get_method, merge
+    from mergelab.merge.registry import check_inputs
+    from mergelab.options import parse_value
 
     info = get_method(args.method)
-    options = _parse_kv(args.option)
+    inputs = [*args.checkpoints, *([args.base] if args.base else [])]
+    run_dir = RunDir(args.out, force=args.force, inputs=inputs)
+    options = _typed_options(info.fn, args.option, f"--option ({args.method})")
     if args.coefficients:
-        options["coefficients"] = [float(c) for c in args.coefficients.split(",")]
+        options["coefficients"] = list(parse_value("--coefficients", args.coefficients, tuple[float, ...]))
+    out = run_dir.open()  # a temporary sibling, renamed into place when complete (main() drops it on error)
     if args.method in _STREAMED and not args.repair:
-        return _merge_streamed(args, options)
-    out = prepare_run_dir(args.out, force=args.force)
+        _merge_streamed(args, options, out)
+        run_dir.commit()
+        print(f"merged ({args.method}, streamed) → {args.out}")
+        return 0
     models = [load(p) for p in args.checkpoints]
     if args.base:
         options["base"] = load(args.base)
+    check_inputs(models, options, names=args.checkpoints, op=f"merge ({args.method})")
     if args.repair:
         options["repair"] = args.repair
     data = None
@@ -184,13 +219,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if splits is not None and hasattr(merged, "parameters"):
         for i, (p, m) in enumerate(zip(args.checkpoints, models, strict=True)):
             metrics[f"model{i}"] = {"path": str(p), **evaluate(m, _loader(splits.test)).to_dict()}
-        try:
+        if hasattr(merged, "forward_tasks"):  # one head per model: per task and joint
+            per = evaluate_tasks(merged, _loader(splits.test), options.get("tasks"))
+            metrics.update({f"merged {k}": m.to_dict() for k, m in per.items()})
+        else:
             metrics["merged"] = evaluate(merged, _loader(splits.test)).to_dict()
-        except (ValueError, RuntimeError) as e:  # multi-head outputs of partial zips have their own metrics
-            log.info("merged model not evaluated with plain accuracy: %s", e)
         for k, v in metrics.items():
-            if "accuracy" in v:
-                print(f"{k:8s} test accuracy {v['accuracy']:.4f}  loss {v['loss']:.4f}")
+            print(f"{k:13s} test accuracy {v['accuracy']:.4f}  loss {v['loss']:.4f}")
     meta = {
         "merge": {
             "method": args.method,
@@ -201,28 +236,30 @@ def cmd_merge(args: argparse.Namespace) -> int:
         "metrics": metrics,
     }
     save(merged, out, metadata=meta, force=True)
-    print(f"merged ({args.method}) → {out}")
+    run_dir.commit()
+    print(f"merged ({args.method}) → {args.out}")
     return 0
 
 
 _STREAMED = ("average", "task_arithmetic", "ties", "dare", "weight_matching")
 
 
-def _merge_streamed(args: argparse.Namespace, options: dict[str, Any]) -> int:
-    """Merge checkpoint files tensor by tensor (any safetensors form); evaluate when a dataset is known."""
+def _merge_streamed(args: argparse.Namespace, options: dict[str, Any], out: Path) -> None:
+    """Merge checkpoint files tensor by tensor (any safetensors form) into ``out``; evaluate when a dataset is
+    known."""
     from mergelab.io import CheckpointError, load
     from mergelab.merge.streamed import merge_checkpoints
 
     with contextlib.suppress(CheckpointError):  # a bare .safetensors file or HF folder: no dataset recorded
         _data_from_checkpoint(args, args.checkpoints[0], required=False)
-    out = merge_checkpoints(
+    merge_checkpoints(
         args.checkpoints,
-        args.out,
+        out,
         method=args.method,
         base=args.base,
         max_shard_size=args.max_shard_size,
         progress=not args.quiet and sys.stderr.isatty(),
-        force=args.force,
+        force=True,  # `out` is the command's own temporary folder
         **options,
     )
     if args.data:
@@ -240,17 +277,16 @@ def _merge_streamed(args: argparse.Namespace, options: dict[str, Any]) -> int:
         cfg["metadata"]["dataset"] = {"name": args.data, "seed": args.data_seed, "root": args.data_root}
         cfg["metadata"]["metrics"] = metrics
         (Path(out) / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    print(f"merged ({args.method}, streamed) → {out}")
-    return 0
 
 
 # --------------------------------------------------------------------------------------------- interpolate
 def cmd_interpolate(args: argparse.Namespace) -> int:
     from mergelab.analysis.interpolate import interpolate
-    from mergelab.io import load, prepare_run_dir
+    from mergelab.io import RunDir, load
 
     _data_from_checkpoint(args, args.a)
-    out = prepare_run_dir(args.out, force=args.force)
+    run_dir = RunDir(args.out, force=args.force, inputs=[args.a, args.b])
+    out = run_dir.open()  # a temporary sibling, renamed into place when complete (main() drops it on error)
     splits = _load_data(args)
     a, b = load(args.a), load(args.b)
     if args.align != "none":
@@ -267,7 +303,10 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     )
     curve.plot(out / "curve.png")
     (out / "curve.json").write_text(json.dumps(curve.to_dict(), indent=2) + "\n")
-    print(f"loss barrier {curve.loss_barrier:.4f}, accuracy barrier {curve.accuracy_barrier:.4f} → {out}")
+    run_dir.commit()
+    print(
+        f"loss barrier {curve.loss_barrier:.4f}, accuracy barrier {curve.accuracy_barrier:.4f} → {args.out}"
+    )
     return 0
 
 
@@ -287,6 +326,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides=args.set,
         backend=args.backend,
         force=args.force,
+        resume=args.resume,
+        workers=args.workers,
         progress=not args.quiet,
     )
     print(f"report: {report}")
@@ -431,7 +472,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backend", default="local", choices=["local", "ray"], help="run jobs here or on local Ray"
     )
-    p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing run folder (when the new one is done)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the finished jobs of an existing or interrupted run folder",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="parallel job processes (default: $MERGELAB_WORKERS, else one per core)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_run)
 
@@ -448,17 +502,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Expected failures: bad input (exit 2) or a failure while running (exit 1); anything else is a bug (exit 1).
+_BAD_INPUT = (ValueError, TypeError, LookupError, FileExistsError, FileNotFoundError, NotADirectoryError)
+_RUN_FAILURE = (RuntimeError, OSError, MemoryError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from mergelab.io.run_dir import abort_unfinished
+
     parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    for p in parser._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
+    logging.getLogger("mergelab.experiments.runner").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        return int(args.fn(args) or 0)
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as e:
-        print(f"mergelab {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        with abort_unfinished():  # an output folder a failed command left open is dropped; the old one stays
+            return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        print(f"mergelab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        lines = str(e).strip().splitlines() or [""]
+        msg = lines[0] + (" …" if len(lines) > 1 else "")
+        if isinstance(e, _BAD_INPUT):
+            code, what = 2, "error"
+        elif isinstance(e, _RUN_FAILURE):
+            code, what = 1, "failed"
+        else:
+            code, what = 1, f"internal error ({type(e).__name__})"
+        hint = "" if args.debug else " (--debug shows the traceback)" if code == 1 else ""
+        print(f"mergelab {args.command}: {what}: {msg}{hint}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

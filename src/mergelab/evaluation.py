@@ -8,7 +8,8 @@ as the ``logits`` attribute of an output object (Hugging Face ``ModelOutput``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,22 +53,38 @@ def scores_and_targets(out: object, y: torch.Tensor) -> tuple[torch.Tensor, torc
     return logits, y
 
 
+@contextlib.contextmanager
+def eval_mode(model: object) -> Iterator[None]:
+    """Put ``model`` in eval mode, then give every submodule back its *own* mode.
+
+    ``model.train(was)`` would set every submodule to the top-level flag and so flip, e.g., BatchNorm layers that
+    were deliberately frozen in eval mode inside a training model.
+    """
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], data: Iterable) -> torch.Tensor:
-    """Concatenated outputs over ``data`` in eval mode (restores the training flag)."""
-    was_training = getattr(model, "training", False)
-    if isinstance(model, nn.Module):
-        model.eval()
-    try:
+    """Concatenated outputs over ``data`` in eval mode (every submodule's mode is restored)."""
+    with eval_mode(model):
         return torch.cat([model(split_batch(b)[0]) for b in data])
-    finally:
-        if isinstance(model, nn.Module):
-            model.train(was_training)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], data: Iterable) -> Metrics:
     """Mean cross-entropy and accuracy over a loader of ``(x, y)`` batches, in eval mode.
+
+    A model with one head per task whose outputs are concatenated (``combine == "concat"``) is refused: its
+    arg-max is not a class of the data; use :func:`evaluate_tasks`.
 
     Example:
         >>> import torch
@@ -76,22 +93,101 @@ def evaluate(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], data: It
         >>> evaluate(nn.Linear(3, 2), data).count
         4
     """
-    was_training = getattr(model, "training", False)
-    if isinstance(model, nn.Module):
-        model.eval()
+    if hasattr(model, "forward_tasks") and getattr(model, "combine", None) == "concat":
+        raise ValueError(
+            "evaluate: the model concatenates one head per task; score it with evaluate_tasks (per task and jointly)"
+        )
     total_loss, correct, count = 0.0, 0, 0
-    try:
+    with eval_mode(model):
         for batch in data:
             x, y = split_batch(batch)
             if y is None:
                 raise ValueError("evaluate: the loader yields no labels; it must yield (x, y) batches")
-            out, y = scores_and_targets(model(x), y)
+            out, y = scores_and_targets(_forward(model, x, first=count == 0), y)
+            _check_labels(y, out.shape[-1])
             total_loss += F.cross_entropy(out, y, reduction="sum").item()
             correct += (out.argmax(-1) == y).sum().item()
             count += len(y)
-    finally:
-        if isinstance(model, nn.Module):
-            model.train(was_training)
     if count == 0:
         raise ValueError("evaluate: the loader is empty")
     return Metrics(total_loss / count, correct / count, count)
+
+
+@torch.no_grad()
+def evaluate_tasks(
+    model: nn.Module, data: Iterable, tasks: Sequence[Sequence[int]] | None = None
+) -> dict[str, Metrics]:
+    """Per-task and joint metrics of a model with one output head per task (it has ``forward_tasks``).
+
+    Args:
+        model: e.g. a :class:`~mergelab.merge.partial.MultiHeadModel`.
+        data: ``(x, y)`` batches with global class labels.
+        tasks: the global class of each output column of each head (default: head ``i`` predicts ``0..n_i-1``).
+
+    Returns:
+        ``{"task0": ..., "task1": ..., "joint": ...}``. Task ``i`` is scored with head ``i`` alone on the samples
+        whose label it predicts. The joint prediction is the class of the arg-max column over all heads; the joint
+        loss uses the probability of a class summed over its columns (a softmax over all heads' logits).
+    """
+    heads: list[list[tuple[int, int]]] | None = None  # per head: (head, global class) of each output column
+    sums: dict[str, list[float]] = {}
+    with eval_mode(model):
+        for batch in data:
+            x, y = split_batch(batch)
+            if y is None:
+                raise ValueError("evaluate_tasks: the loader yields no labels; it must yield (x, y) batches")
+            outs = tuple(model.forward_tasks(x))  # type: ignore[operator]
+            if heads is None:
+                classes = (
+                    [list(range(o.shape[-1])) for o in outs] if tasks is None else [list(t) for t in tasks]
+                )
+                if len(classes) != len(outs) or any(
+                    len(c) != o.shape[-1] for c, o in zip(classes, outs, strict=False)
+                ):
+                    raise ValueError(
+                        f"evaluate_tasks: the model has heads of {[o.shape[-1] for o in outs]} outputs but "
+                        f"tasks={classes}"
+                    )
+                heads = [[(i, c) for c in cl] for i, cl in enumerate(classes)]
+                lookup = torch.tensor([c for cl in classes for c in cl])
+                n_cls = int(lookup.max()) + 1
+            for i, (o, cl) in enumerate(zip(outs, classes, strict=True)):
+                local = torch.full((max(n_cls, int(y.max()) + 1),), -1, dtype=torch.long)
+                local[torch.tensor(cl)] = torch.arange(len(cl))
+                mine = local[y] >= 0
+                if mine.any():
+                    t = local[y[mine]]
+                    acc = sums.setdefault(f"task{i}", [0.0, 0.0, 0.0])
+                    acc[0] += F.cross_entropy(o[mine], t, reduction="sum").item()
+                    acc[1] += (o[mine].argmax(-1) == t).sum().item()
+                    acc[2] += int(mine.sum())
+            logp = torch.cat(outs, dim=-1).log_softmax(-1)
+            onehot = (lookup[None, :] == y[:, None]).to(logp.dtype)  # (batch, columns) of the true class
+            joint_nll = -torch.logsumexp(logp.masked_fill(onehot == 0, float("-inf")), dim=-1)
+            acc = sums.setdefault("joint", [0.0, 0.0, 0.0])
+            acc[0] += joint_nll.sum().item()
+            acc[1] += (lookup[logp.argmax(-1)] == y).sum().item()
+            acc[2] += len(y)
+    if not sums:
+        raise ValueError("evaluate_tasks: the loader is empty")
+    return {k: Metrics(v[0] / v[2], v[1] / v[2], int(v[2])) for k, v in sorted(sums.items())}
+
+
+def _forward(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, first: bool) -> torch.Tensor:
+    if not first:
+        return model(x)
+    try:  # the first batch tells a model/data mismatch apart from a bug: name the shapes and dtypes
+        return model(x)
+    except RuntimeError as e:
+        p = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+        got = f"inputs of shape {tuple(x.shape[1:])} ({x.dtype})"
+        want = f" and weights of dtype {p.dtype}" if p is not None else ""
+        raise ValueError(f"evaluate: the model cannot take {got}{want}: {str(e).splitlines()[0]}") from e
+
+
+def _check_labels(y: torch.Tensor, n_out: int) -> None:
+    if len(y) and (int(y.max()) >= n_out or int(y.min()) < 0):
+        raise ValueError(
+            f"evaluate: labels range over {int(y.min())}..{int(y.max())} but the model has {n_out} outputs "
+            "(a model of another dataset?)"
+        )

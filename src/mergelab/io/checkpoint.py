@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mergelab import __version__
-from mergelab.io.run_dir import prepare_run_dir
+from mergelab.io.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +55,19 @@ def save(
     """
     from safetensors.torch import save_file
 
-    path = prepare_run_dir(path, force=force)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path / WEIGHTS))
     from mergelab.io.sources import file_sha256
 
     config = {
         "mergelab_version": __version__,
         "model": getattr(model, "mergelab_spec", None),
         "metadata": dict(metadata or {}),
-        "weights": {WEIGHTS: {"sha256": file_sha256(path / WEIGHTS)}},  # verified by load()
     }
-    (path / CONFIG).write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
-    return path
+    with RunDir(path, force=force) as tmp:  # written aside, renamed into place when complete
+        save_file(tensors, str(tmp / WEIGHTS))
+        config["weights"] = {WEIGHTS: {"sha256": file_sha256(tmp / WEIGHTS)}}  # verified by load()
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
+    return Path(path)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -112,12 +112,12 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             raise CheckpointError(
                 f"checkpoint {folder}: config has no model spec (not a zoo model); pass model= to load into"
             )
-        from mergelab.models import build_model
+        from mergelab.models import build_from_spec
 
         try:
-            model = build_model(
-                spec["arch"], tuple(spec["input_shape"]), spec["num_classes"], **spec["kwargs"]
-            )
+            model = build_from_spec(
+                spec
+            )  # a zoo model, or a merged one (e.g. multi-head) built from zoo specs
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {folder}: cannot rebuild model from {spec}: {e}") from e
     if path.is_dir() and not any((folder / f).is_file() for f in (WEIGHTS, "model.safetensors.index.json")):

@@ -383,8 +383,41 @@ def build_multihead(
         "build_multihead: %d merged groups, %d shared nodes, %d branches", len(names), n_common, len(models)
     )
     model = MultiHeadModel(net, combine, alignment.coefficients, names)
+    specs = [getattr(m, "mergelab_spec", None) for m in models]
+    if all(specs):  # zoo sources: record how to rebuild this model, so a saved checkpoint loads again
+        model.mergelab_spec = {
+            "kind": "multihead",
+            "branches": specs,
+            "combine": combine,
+            "weights": [float(w) for w in alignment.coefficients],
+            "merged_groups": list(names),
+            "shared": sorted(shared),
+        }
     model.eval()
     return model
+
+
+def multihead_from_spec(spec: dict) -> MultiHeadModel:
+    """An untrained :class:`MultiHeadModel` of the layout a ``build_multihead`` spec records (for loading).
+
+    The branches are rebuilt from their zoo specs and traced and combined exactly as when merging, so the saved
+    state dict fits; the weights come from the checkpoint.
+    """
+    from mergelab.models import build_from_spec
+
+    try:
+        copies = [build_from_spec(s).eval() for s in spec["branches"]]
+        shared = set(spec["shared"])
+        branches = [trace_model(c) for c in copies]
+        graph, _ = _combined_graph(branches, shared)
+        root = nn.Module()
+        root.branches = nn.ModuleList(branches)
+        net = fx.GraphModule(root, graph, class_name="MultiHeadNet")
+        model = MultiHeadModel(net, spec["combine"], spec["weights"], spec["merged_groups"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"multihead_from_spec: incomplete spec ({e!r})") from None
+    model.mergelab_spec = dict(spec)
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------------- heads

@@ -98,7 +98,7 @@ def merge_checkpoints(
         >>> torch.equal(m.head.weight, (0.5 * a.head.weight + 0.5 * b.head.weight).detach())
         True
     """
-    from mergelab.io.run_dir import prepare_run_dir
+    from mergelab.io.run_dir import RunDir
 
     op = f"merge {method}"
     if method not in STREAMED_METHODS:
@@ -121,8 +121,8 @@ def merge_checkpoints(
                 s.verify_checksums()
         kernel, passes = _kernel(method, sources, base_src, keys, options, data, example_input, op)
         plan = [TensorPlan(k, sources[0].info(k).dtype, sources[0].info(k).shape) for k in keys]
-        folder = prepare_run_dir(out, force=force)
-        try:
+        inputs_ = [*inputs, *([base] if base is not None else [])]
+        with RunDir(out, force=force, inputs=inputs_) as folder:  # renamed into place only when complete
             writer = ShardedWriter(folder, plan, max_shard_size=max_shard_size, metadata={"merge": method})
             try:
                 read_bytes = sum(s.nbytes for s in everyone)
@@ -139,13 +139,10 @@ def merge_checkpoints(
                 writer.abort()
                 raise
             _write_config(folder, sources[0], sha, method, inputs, base, options, metadata)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
     finally:
         for s in sources + ([base_src] if base_src is not None else []):
             s.close()
-    return folder
+    return Path(out)
 
 
 def check_inputs(sources: Sequence[CheckpointSource], names: Sequence[str], op: str = "merge") -> list[str]:

@@ -138,10 +138,26 @@ def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
         >>> [k for k in a.state_dict()] == [k for k in b.state_dict()]
         True
     """
+    kind = spec.get("kind", "zoo")
+    if kind != "zoo":
+        # Merged models record how to rebuild themselves from their sources' specs; their builders live in the
+        # merge layer, imported only when such a spec is read.
+        import importlib
+
+        try:
+            module, fn = _SPEC_KINDS[kind].split(":")
+        except KeyError:
+            raise ValueError(
+                f"build_from_spec: unknown model kind {kind!r}; known: {sorted(_SPEC_KINDS)}"
+            ) from None
+        return getattr(importlib.import_module(module), fn)(spec)
     missing = [k for k in ("arch", "input_shape", "num_classes") if k not in spec]
     if missing:
         raise ValueError(f"build_from_spec: spec lacks {missing}; got keys {sorted(spec)}")
     return build_model(spec["arch"], spec["input_shape"], spec["num_classes"], **dict(spec.get("kwargs", {})))
+
+
+_SPEC_KINDS = {"multihead": "mergelab.merge.partial:multihead_from_spec"}
 
 
 def _jsonable(value: Any) -> bool:
