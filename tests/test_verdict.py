@@ -89,3 +89,9 @@ def test_claims_table_opens_report(tmp_path) -> None:
     r.claims([c])
     text = r.save().read_text()
     assert text.index("Claims and verdicts") < text.index("body")
+
+
+def test_claims_table_escapes_pipes() -> None:
+    c = claim("|gap| small", "a − b", [0.01, 0.0, -0.01], direction="within", margin=0.05)
+    row = claims_table([c]).splitlines()[2]
+    assert "\\|gap\\|" in row and row.count(" | ") == 5

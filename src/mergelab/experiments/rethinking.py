@@ -829,12 +829,12 @@ def _claims(
                              "acc.: logit ens. − soup", [-v for v in d], direction="greater", margin=0.1,
                              setting=setting, paper=soup_paper[pool]))  # fmt: skip
         else:
-            out.append(claim(f"The uniform soup matches the logit ensemble (|gap| < {cfg.soup_margin})",
+            out.append(claim(f"The uniform soup matches the logit ensemble (abs. gap < {cfg.soup_margin})",
                              "acc.: soup − logit ens.", d, direction="within", margin=cfg.soup_margin,
                              setting=setting, paper=soup_paper.get(pool, "—")))  # fmt: skip
             f = _seed_differences(results, cfg, pool, n, "feat. ens. (avg head)", "soup")
             if f is not None:
-                out.append(claim(f"Weight averaging behaves like feature averaging (|gap| < {cfg.soup_margin})",
+                out.append(claim(f"Weight averaging behaves like feature averaging (abs. gap < {cfg.soup_margin})",
                                  "acc.: feat. ens. (avg head) − soup", f, direction="within",
                                  margin=cfg.soup_margin, setting=setting,
                                  paper="Rethinking: soup ≈ feature ensemble within one basin"))  # fmt: skip

@@ -22,7 +22,6 @@ def claims_table(claims: Sequence[Claim], digits: int = 3) -> str:
     ]
     for c in claims:
         ours = f"{c.interval.format(digits, c.scale)}{(' ' + c.unit) if c.unit else ''}, n={c.interval.n}"
-        lines.append(
-            f"| {c.claim} | {c.setting or '—'} | {c.measure} | {ours} | {_MARK[c.verdict]} | {c.paper} |"
-        )
+        cells = [c.claim, c.setting or "—", c.measure, ours, _MARK[c.verdict], c.paper]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
