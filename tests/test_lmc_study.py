@@ -40,17 +40,6 @@ def test_lmc_study_tiny(tmp_path: Path) -> None:
     assert len(list((tmp_path / "lmc").glob("*.png"))) == 3
 
 
-def test_lmc_paper_preset_needs_data_folder(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="data_root"):
-        run_study("lmc", tmp_path / "a", overrides=["preset=paper"], progress=False)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        run_study(
-            "lmc", tmp_path / "b", overrides=["preset=paper", "data_root=/nonexistent/cifar"], progress=False
-        )
-    with pytest.raises(ValueError, match="unknown preset"):
-        run_study("lmc", tmp_path / "c", overrides=["preset=huge"], progress=False)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_lmc_cuda_without_gpu_fails_early(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no CUDA"):
