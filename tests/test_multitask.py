@@ -151,8 +151,8 @@ def test_endpoint_alignment_places_a_model_exactly_in_the_merged_basis() -> None
 
 # ----------------------------------------------------------------------------------------------- the study
 
-TINY = ["datasets=[\"digits\"]", "widths=[12]", "depth=2", "epochs=1", "seeds=[0]", "alphas=[0.5]", "max_iter=2",
-        "landscape_steps=3", "partial=1", "heads=[\"concat\"]"]  # fmt: skip
+TINY = ["datasets=[\"digits\"]", "widths=[12]", "depth=2", "epochs=1", "seeds=[0, 1]", "alphas=[0.5]", "max_iter=2",
+        "landscape_steps=3", "partial_cuts=[1]", "heads=[\"concat\"]", "zip_grid=[[0.3, 0.125], [0.5, 1.0]]"]  # fmt: skip
 
 
 def test_multitask_study_runs_end_to_end(tmp_path: Path) -> None:
@@ -164,11 +164,17 @@ def test_multitask_study_runs_end_to_end(tmp_path: Path) -> None:
         "ensemble",
         "weight matching",
         "activation matching",
-        "zipit",
+        "zipit (own defaults)",
+        "zipit at mudsc knobs (= mudsc α=0)",
+        "zipit selected",
         "zipit partial (L=1)",
         "mudsc zip",
+        "mudsc zip 1-pass",
     ):
         assert f"| {method} |" in text
+    assert text.index("Claims and verdicts") < text.index("concat heads")
+    claims = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]["claims"]
+    assert len(claims) >= 7 and all(c["interval"]["n"] == 2 for c in claims)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     rows = metrics["metrics"]["results"][0]["rows"]
     ens = next(r for r in rows if r["method"] == "ensemble")
@@ -182,10 +188,15 @@ def test_multitask_study_runs_end_to_end(tmp_path: Path) -> None:
 def test_multitask_study_both_head_setups_two_seeds(tmp_path: Path) -> None:
     from mergelab.experiments import run_study
 
-    over = [o for o in TINY if not o.startswith(("heads", "seeds", "alphas"))]
+    over = [o for o in TINY if not o.startswith(("heads", "seeds", "alphas", "zip_grid"))]
     over += ['heads=["concat", "embedding"]', "seeds=[0, 1]", "alphas=[0.3, 0.7]", "widths=[16]", "epochs=3"]
     report = run_study("multitask", tmp_path / "run", overrides=over, progress=False)
     text = report.read_text()
     assert "embedding heads" in text and "concat heads" in text and "± " in text
     with pytest.raises(ValueError, match="unknown heads"):
-        run_study("multitask", tmp_path / "bad", overrides=[*TINY[:-1], 'heads=["sum"]'], progress=False)
+        run_study(
+            "multitask",
+            tmp_path / "bad",
+            overrides=[*(o for o in TINY if not o.startswith("heads")), 'heads=["sum"]'],
+            progress=False,
+        )

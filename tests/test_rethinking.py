@@ -289,6 +289,9 @@ def test_study_runs_end_to_end_tiny(tmp_path: Path) -> None:
     text = report.read_text()
     metrics = json.loads((report.parent / "metrics.json").read_text())["metrics"]
     assert "digits / mlp" in text and "Findings at this scale" in text
+    assert text.index("Claims and verdicts") < text.index("digits / mlp")
+    # one seed: no interval, so no claim can be decided
+    assert metrics["claims"] and all(c["verdict"] == "inconclusive" for c in metrics["claims"])
     for pool in ("pretrained", "pretrained_random_head", "shared", "independent"):
         assert f"digits/mlp/{pool}/N=2" in metrics["tables"]
     cell = metrics["tables"]["digits/mlp/shared/N=2"]
@@ -314,9 +317,12 @@ def test_study_two_datasets_two_archs(tmp_path: Path) -> None:
         'stability_archs=["cnn"]',
         'model_kwargs={"mlp": {"width": 16}, "cnn": {"width": 4}}',
         "n_members=[2, 3]",
+        "seeds=[0, 1]",
     ]
     report = run_study("rethinking", tmp_path / "run", overrides=overrides, progress=False)
     metrics = json.loads((report.parent / "metrics.json").read_text())["metrics"]
     assert "mnist1d/cnn/independent/N=3" in metrics["tables"]
     assert (report.parent / "stability_mnist1d_cnn.png").exists()
+    assert not (report.parent / "stability_mnist1d_cnn_seed1.png").exists()
+    assert all(c["interval"]["n"] == 2 for c in metrics["claims"])
     assert (report.parent / "patterns_units_mnist1d_cnn_independent.png").exists()

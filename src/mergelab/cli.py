@@ -319,11 +319,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(name)
         return 0
     out = args.out or f"runs/{args.study}"
+    # --preset / --device are the study configs' own ``preset`` / ``device`` options.
+    overrides = list(args.set)
+    overrides += [f"preset={args.preset}"] if args.preset else []
+    overrides += [f"device={args.device}"] if args.device else []
     report = run_study(
         args.study,
         out,
         config_file=args.config,
-        overrides=args.set,
+        overrides=overrides,
         backend=args.backend,
         force=args.force,
         resume=args.resume,
@@ -469,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default runs/STUDY)")
     p.add_argument("--config", default=None, help="JSON file with study options")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one option")
+    p.add_argument(
+        "--preset", default=None, help="'paper': the paper's setting (local data: --set data_root=PATH)"
+    )
+    p.add_argument("--device", default=None, help="'auto' (CUDA when present, the default), 'cpu' or 'cuda'")
     p.add_argument(
         "--backend", default="local", choices=["local", "ray"], help="run jobs here or on local Ray"
     )

@@ -26,6 +26,13 @@ from typing import Any
 
 import torch
 
+from mergelab.experiments._study import (
+    apply_preset,
+    check_data_root,
+    load_study_data,
+    resolve_device,
+    to_device,
+)
 from mergelab.experiments.runner import Executor, register_study
 from mergelab.report import Report
 
@@ -71,6 +78,9 @@ class FeaturesConfig:
     actmax_seed: int = 0
     mnist1d_samples: int = 4000
     torch_threads: int = 1  # per job
+    preset: str = "default"  # "paper": CIFAR-10 CNNs (needs data_root)
+    device: str = "auto"  # training runs here ("auto" = CUDA when present); alignment and act-max run on CPU
+    data_root: str = ""  # folder of a local dataset (cifar10 / cifar100 / mnist)
 
     def __post_init__(self) -> None:
         if len(self.seeds) != 2:
@@ -94,10 +104,19 @@ class FeaturesConfig:
         return self.layers.get(arch, DEFAULT_LAYERS.get(arch, ""))
 
 
-def _load(dataset: str, samples: int) -> Any:
-    from mergelab.data import load_dataset
+# Zou et al. visualise units of CIFAR-10 CNNs: a wider 4-block CNN trained longer.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "datasets": ("cifar10",),
+        "archs": ("cnn",),
+        "model_kwargs": {"cnn": {"width": 64, "depth": 4}},
+        "epochs": 60,
+    }
+}
 
-    return load_dataset(dataset, num_samples=samples) if dataset == "mnist1d" else load_dataset(dataset)
+
+def _load(dataset: str, samples: int, root: str = "") -> Any:
+    return load_study_data(dataset, root, **({"num_samples": samples} if dataset == "mnist1d" else {}))
 
 
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -106,9 +125,10 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     from mergelab.train import TrainConfig, train
 
     torch.set_num_threads(job["threads"])
-    data = _load(job["dataset"], job["samples"])
+    device = resolve_device(job["device"])
+    data = _load(job["dataset"], job["samples"], job["data_root"])
     torch.manual_seed(job["seed"])
-    model = build_model(job["arch"], data.input_shape, data.num_classes, **job["kwargs"])
+    model = build_model(job["arch"], data.input_shape, data.num_classes, **job["kwargs"]).to(device)
     cfg = TrainConfig(
         epochs=job["epochs"],
         lr=job["lr"],
@@ -116,8 +136,9 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
         data_seed=job["seed"],
         progress=False,
     )
-    train(model, data.train, cfg)
-    return {k: job[k] for k in ("dataset", "arch", "seed")} | {"state_dict": model.state_dict()}
+    train(model, to_device(data.train, device), cfg)
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    return {k: job[k] for k in ("dataset", "arch", "seed")} | {"state_dict": state}
 
 
 def analysis_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +158,7 @@ def analysis_job(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(job["threads"])
     start = time.perf_counter()
-    data = _load(job["dataset"], job["samples"])
+    data = _load(job["dataset"], job["samples"], job["data_root"])
     a, b = (build_model(job["arch"], data.input_shape, data.num_classes, **job["kwargs"]) for _ in range(2))
     a.load_state_dict(job["states"][0])
     b.load_state_dict(job["states"][1])
@@ -202,9 +223,13 @@ def features(cfg: FeaturesConfig, out: Path, executor: Executor) -> Report:
 
     from mergelab.analysis.feature_vis import plot_comparison
 
+    cfg = apply_preset(cfg, PRESETS, "features")
+    check_data_root("features", cfg.datasets, cfg.data_root)
+    resolve_device(cfg.device)
     t0 = time.perf_counter()
     report = Report(out, "Feature visualization: endpoint vs merged units", config=dataclasses.asdict(cfg))
-    common = {"samples": cfg.mnist1d_samples, "threads": cfg.torch_threads}
+    common = {"samples": cfg.mnist1d_samples, "threads": cfg.torch_threads, "device": cfg.device,
+              "data_root": cfg.data_root}  # fmt: skip
     train_jobs = [
         common
         | {

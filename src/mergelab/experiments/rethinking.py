@@ -42,6 +42,14 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from mergelab.analysis.verdict import Claim, claim, paired_interval
+from mergelab.experiments._study import (
+    apply_preset,
+    check_data_root,
+    load_study_data,
+    resolve_device,
+    to_device,
+)
 from mergelab.experiments.runner import Executor, register_study
 from mergelab.report import Report
 
@@ -82,12 +90,17 @@ METHOD_COLUMNS = (
 class RethinkingConfig:
     """Settings of the ``rethinking`` study; the defaults run in a few minutes on 2 CPU cores."""
 
-    datasets: tuple[str, ...] = ("digits", "mnist1d")
-    archs: tuple[str, ...] = ("mlp", "cnn", "resnet", "vit")
-    seeds: tuple[int, ...] = (0, 1)
+    datasets: tuple[str, ...] = ("digits",)
+    archs: tuple[str, ...] = ("mlp", "cnn", "resnet")
+    seeds: tuple[int, ...] = (0, 1, 2)  # intervals and verdicts are over seeds (each seed: its own pools)
     # "pretrained_random_head" (each fine-tuned copy gets its own random head) is available but not default.
     pools: tuple[str, ...] = ("pretrained", "shared", "independent")
-    n_members: tuple[int, ...] = (2, 3, 5)  # subsets of the first N members; max(n_members) are trained
+    n_members: tuple[int, ...] = (
+        2,
+        3,
+        5,
+        10,
+    )  # the paper's N ∈ {2, 3, 5, 7, 10}; subsets of the first N members; max(n_members) are trained
     # Per arch or "dataset/arch", merged over DEFAULT_MODEL_KWARGS.
     model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     heldout_fraction: float = 0.15  # of the train split: greedy selection data, never trained on
@@ -111,8 +124,12 @@ class RethinkingConfig:
     pattern_epochs: int = 30
     pattern_weight_decay: float = 1e-2  # a little decay gives cleaner templates (the paper uses 0.1 with SGD)
     pattern_pairs: tuple[tuple[int, int], ...] = ((1, 7), (3, 8), (4, 9))
-    n_bootstrap: int = 1000
+    n_bootstrap: int = 1000  # unused since intervals are over seeds; kept so older study files still load
     torch_threads: int = 1  # per training job (jobs run in parallel on Ray)
+    soup_margin: float = 0.02  # "soup ≈ ensemble" means |soup − logit ens.| < this (accuracy)
+    preset: str = "default"  # "paper": CIFAR-10 VGG / ResNet-20 pools of N = 10 (needs data_root)
+    device: str = "auto"  # "auto" = CUDA when present
+    data_root: str = ""  # folder of a local dataset (cifar10 / cifar100 / mnist)
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.pools) - set(POOL_KINDS))
@@ -139,6 +156,24 @@ class RethinkingConfig:
             if dataset is not None:
                 out.update(table.get(f"{dataset}/{arch}", {}))
         return out
+
+
+# The paper's setting: CIFAR-10, pools of up to 10 fine-tuned copies of a pretrained backbone (here: pretrained on
+# classes 0–4 of CIFAR-10 itself; the paper starts from ImageNet weights, which mergelab never downloads).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "datasets": ("cifar10",),
+        "archs": ("vgg", "resnet"),
+        "seeds": (0, 1, 2),
+        "n_members": (2, 3, 5, 7, 10),
+        "model_kwargs": {"vgg": {"width": 1.0}, "resnet": {"depth": 20, "width": 1}},
+        "epochs": 60,
+        "pretrain_epochs": 60,
+        "finetune_epochs": 20,
+        "stability_archs": ("resnet",),
+        "patterns": False,
+    }
+}
 
 
 # -- statistics ----------------------------------------------------------------------------------------------
@@ -183,21 +218,24 @@ def bootstrap_ci(
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str) -> Any:
-    from mergelab.data import load_dataset
-
-    return load_dataset(name)
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, root: str = "") -> Any:
+    return load_study_data(name, root)
 
 
 @functools.lru_cache(maxsize=16)
-def _splits(name: str, fraction: float, seed: int) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
-    """(train minus held-out, held-out, test); the held-out part depends only on ``seed``."""
-    d = _dataset(name)
+def _splits(
+    name: str, fraction: float, seed: int, root: str = "", device: str = "cpu"
+) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+    """(train minus held-out, held-out, test) on ``device``; the held-out part depends only on ``seed``."""
+    dev = resolve_device(device)
+    d = _dataset(name, root)
     x, y = d.train.tensors[0], d.train.tensors[1]
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(10_000 + seed))
     k = int(round(fraction * len(y)))
     held, rest = perm[:k], perm[k:]
-    return TensorDataset(x[rest], y[rest]), TensorDataset(x[held], y[held]), d.test
+    parts = TensorDataset(x[rest], y[rest]), TensorDataset(x[held], y[held]), d.test
+    return tuple(to_device(p, dev) for p in parts)  # type: ignore[return-value]
 
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -209,12 +247,14 @@ def _batches(ds: TensorDataset, size: int = 512) -> Batches:
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
 
 
-def _build(arch: str, kwargs: dict[str, Any], name: str, init_seed: int) -> nn.Module:
+def _build(
+    arch: str, kwargs: dict[str, Any], name: str, init_seed: int, root: str = "", device: str = "cpu"
+) -> nn.Module:
     from mergelab.models import build_model
 
-    d = _dataset(name)
+    d = _dataset(name, root)
     torch.manual_seed(init_seed)
-    return build_model(arch, d.input_shape, d.num_classes, **kwargs)
+    return build_model(arch, d.input_shape, d.num_classes, **kwargs).to(resolve_device(device))
 
 
 def _train_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -226,8 +266,10 @@ def _train_job(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(job.get("threads", 1)))
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        train_set, held, test = _splits(job["dataset"], job["heldout_fraction"], job["split_seed"])
-        model = _build(job["arch"], job["kwargs"], job["dataset"], job["init_seed"])
+        train_set, held, test = _splits(
+            job["dataset"], job["heldout_fraction"], job["split_seed"], *_where(job)
+        )
+        model = _build(job["arch"], job["kwargs"], job["dataset"], job["init_seed"], *_where(job))
         if job.get("init_state") is not None:
             model.load_state_dict(job["init_state"])
         if (
@@ -251,7 +293,7 @@ def _train_job(job: dict[str, Any]) -> dict[str, Any]:
         test_loader, held_loader = _batches(test), _batches(held)
         return {
             "key": job["key"],
-            "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "test_accuracy": evaluate(model, test_loader).accuracy,
             "heldout_accuracy": evaluate(model, held_loader).accuracy,
             "seconds": time.perf_counter() - t0,
@@ -261,13 +303,20 @@ def _train_job(job: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
+def _where(job: dict[str, Any]) -> tuple[str, str]:
+    """(data root, device) of a job."""
+    return job.get("data_root", ""), job.get("device", "cpu")
+
+
 # -- the study -----------------------------------------------------------------------------------------------
 
 
 @register_study("rethinking", RethinkingConfig)
 def rethinking(config: RethinkingConfig, out: Path, executor: Executor) -> Report:
     """Weight averaging vs feature averaging, weight patterns, and prediction stability under scaling."""
-    cfg = config
+    cfg = apply_preset(config, PRESETS, "rethinking")
+    check_data_root("rethinking", cfg.datasets, cfg.data_root)
+    resolve_device(cfg.device)
     t_start = time.perf_counter()
     report = Report(out, "Rethinking weight-averaged model merging (CPU scale)", dataclasses.asdict(cfg))
     n_max = max(cfg.n_members)
@@ -278,6 +327,8 @@ def rethinking(config: RethinkingConfig, out: Path, executor: Executor) -> Repor
         "heldout_fraction": cfg.heldout_fraction,
         "batch_size": cfg.batch_size,
         "threads": cfg.torch_threads,
+        "data_root": cfg.data_root,
+        "device": cfg.device,
     }
     pretrained: dict[tuple[str, str, int], dict[str, torch.Tensor]] = {}
     pre_acc: dict[tuple[str, str, int], float] = {}
@@ -373,20 +424,19 @@ def rethinking(config: RethinkingConfig, out: Path, executor: Executor) -> Repor
                     "ns": list(cfg.n_members),
                     "align": cfg.align_independent and pool == "independent",
                     "threads": cfg.torch_threads,
+                    "data_root": cfg.data_root,
+                    "device": cfg.device,
                     "state_dicts": [trained[(d, a, s, pool, i)]["state_dict"] for i in range(n_max)],
                     "held_accs": [trained[(d, a, s, pool, i)]["heldout_accuracy"] for i in range(n_max)],
                 }
             )
     if cfg.stability_pool in cfg.pools:
-        s = cfg.seeds[0]
-        for d in cfg.datasets:
-            for a in cfg.stability_archs:
-                if a not in cfg.archs:
-                    continue
+        for d, a, s in settings:
+            if a in cfg.stability_archs:
                 analysis_jobs.append(
                     {
                         "kind": "stability",
-                        "key": (d, a),
+                        "key": (d, a, s),
                         "dataset": d,
                         "arch": a,
                         "kwargs": cfg.arch_kwargs(a, d),
@@ -394,8 +444,17 @@ def rethinking(config: RethinkingConfig, out: Path, executor: Executor) -> Repor
                         "heldout_fraction": cfg.heldout_fraction,
                         "config": cfg,
                         "threads": cfg.torch_threads,
-                        "path": str(out / f"stability_{d}_{a}.png"),
-                        "title": f"{d} / {a} / {cfg.stability_pool} pool, N={n_max}",
+                        "data_root": cfg.data_root,
+                        "device": cfg.device,
+                        "path": str(
+                            out
+                            / (
+                                f"stability_{d}_{a}.png"
+                                if s == cfg.seeds[0]
+                                else f"stability_{d}_{a}_seed{s}.png"
+                            )
+                        ),
+                        "title": f"{d} / {a} / {cfg.stability_pool} pool, N={n_max}, seed {s}",
                         "state_dicts": [
                             trained[(d, a, s, cfg.stability_pool, i)]["state_dict"] for i in range(n_max)
                         ],
@@ -404,13 +463,20 @@ def rethinking(config: RethinkingConfig, out: Path, executor: Executor) -> Repor
     results: dict[tuple[str, str, str, int], dict[str, list[np.ndarray]]] = {}
     kept: dict[tuple[str, str, str, int], dict[str, list[int]]] = {}
     align_status: dict[str, str] = {}
-    stability: dict[str, Any] = {}
+    stability: dict[str, Any] = {}  # "dataset/arch" -> curves of the first seed (figures, tables)
+    stability_seeds: dict[
+        str, dict[int, Any]
+    ] = {}  # "dataset/arch" -> seed -> curves (the claims' intervals)
     stab_figs: list[tuple[str, Path]] = []
     for r in executor.map(_analysis_job, analysis_jobs, desc="analysis"):
         if r["kind"] == "stability":
-            d, a = r["key"]
-            stability[f"{d}/{a}"] = r["curves"]
-            stab_figs.append((f"{d}/{a}", Path(r["path"])))
+            d, a, s = r["key"]
+            stability_seeds.setdefault(f"{d}/{a}", {})[s] = r["curves"]
+            if s == cfg.seeds[0]:
+                stability[f"{d}/{a}"] = r["curves"]
+                stab_figs.append((f"{d}/{a}", Path(r["path"])))
+            else:
+                Path(r["path"]).unlink(missing_ok=True)  # one figure per arch; other seeds feed the intervals
             continue
         d, a, s, pool = r["key"]
         for n, (correct, sel) in r["results"].items():
@@ -446,6 +512,14 @@ def rethinking(config: RethinkingConfig, out: Path, executor: Executor) -> Repor
         len(jobs) + len(pretrained),
         executor,
     )
+    report.metrics["stability_per_seed"] = stability_seeds
+    report.claims(
+        _claims(cfg, results, stability_seeds),
+        "Every interval is a 95 % Student-t interval over training seeds (each seed has its own pools, "
+        "pretrained backbone and held-out split); within a seed the values are averaged over the "
+        "architectures, and paired differences are taken within the seed. Test samples are never resampled: "
+        "they are not independent replications of training.",
+    )
     return report
 
 
@@ -455,7 +529,7 @@ def rethinking(config: RethinkingConfig, out: Path, executor: Executor) -> Repor
 def _members(job: dict[str, Any]) -> list[nn.Module]:
     members = []
     for sd in job["state_dicts"]:
-        m = _build(job["arch"], job["kwargs"], job["dataset"], 0)
+        m = _build(job["arch"], job["kwargs"], job["dataset"], 0, *_where(job))
         m.load_state_dict(sd)
         members.append(m.eval())
     return members
@@ -466,7 +540,7 @@ def _analysis_job(job: dict[str, Any]) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(int(job.get("threads", 1)))
     try:
-        _, held, test = _splits(job["dataset"], job["heldout_fraction"], job["split_seed"])
+        _, held, test = _splits(job["dataset"], job["heldout_fraction"], job["split_seed"], *_where(job))
         members = _members(job)
         if job["kind"] == "stability":
             curves, path = _stability(members, held, test, job["config"], Path(job["path"]), job["title"])
@@ -639,10 +713,10 @@ def _patterns(
     numbers: dict[str, Any] = {}
     figs: list[tuple[str, Path, str]] = []
     for d in cfg.datasets:
-        data = _dataset(d)
+        data = _dataset(d, cfg.data_root)
         models = {}
         for i in range(cfg.pattern_models):
-            m = _build("mlp", {"depth": 0}, d, 0)
+            m = _build("mlp", {"depth": 0}, d, 0, cfg.data_root)
             m.load_state_dict(trained[("lin", d, i)]["state_dict"])
             models[f"linear {i}"] = m.eval()
         entry: dict[str, Any] = {
@@ -705,7 +779,104 @@ def _patterns(
 def _fmt_ci(mean: float, lo: float, hi: float) -> str:
     if math.isnan(mean):
         return "—"
+    if math.isnan(lo):
+        return f"{mean:.3f}"
     return f"{mean:.3f} (±{(hi - lo) / 2:.3f})"
+
+
+def _seed_differences(
+    results: dict[tuple[str, str, str, int], dict[str, list[np.ndarray]]],
+    cfg: RethinkingConfig,
+    pool: str,
+    n: int,
+    x: str,
+    y: str | None,
+) -> list[float] | None:
+    """Per seed: accuracy of ``x`` minus ``y`` (or ``x`` alone), averaged over datasets and architectures."""
+    per_seed: list[list[float]] = [[] for _ in cfg.seeds]
+    for d in cfg.datasets:
+        for a in cfg.archs:
+            r = results.get((d, a, pool, n))
+            if not r or x not in r or (y is not None and y not in r):
+                continue
+            for i in range(len(cfg.seeds)):
+                per_seed[i].append(float(r[x][i].mean()) - (float(r[y][i].mean()) if y is not None else 0.0))
+    if not per_seed[0]:
+        return None
+    return [float(np.mean(v)) for v in per_seed]
+
+
+def _claims(
+    cfg: RethinkingConfig,
+    results: dict[tuple[str, str, str, int], dict[str, list[np.ndarray]]],
+    stability_seeds: dict[str, dict[int, Any]],
+) -> list[Claim]:
+    """The paper's claims per pool kind, with seed-level intervals and computed verdicts."""
+    n = max(cfg.n_members)
+    out: list[Claim] = []
+    soup_paper = {
+        "pretrained": "model soups, ViT-B/32: uniform soup 79.97 vs best individual 80.39; pilot shared-init soup 0.977",
+        "shared": "pilot (digits MLP, N=5): shared-init soup 0.977 vs logit ens. 0.975",
+        "independent": "pilot (digits MLP, N=5): independent soup 0.645 vs logit ens. 0.975",
+    }  # fmt: skip
+    for pool in cfg.pools:
+        setting = f"{pool} pool, N={n}, {'/'.join(cfg.archs)}"
+        d = _seed_differences(results, cfg, pool, n, "soup", "logit ens.")
+        if d is None:
+            continue
+        if pool == "independent":
+            out.append(claim("Without a shared start, the uniform soup breaks (trails the logit ensemble by > 0.1)",
+                             "acc.: logit ens. − soup", [-v for v in d], direction="greater", margin=0.1,
+                             setting=setting, paper=soup_paper[pool]))  # fmt: skip
+        else:
+            out.append(claim(f"The uniform soup matches the logit ensemble (abs. gap < {cfg.soup_margin})",
+                             "acc.: soup − logit ens.", d, direction="within", margin=cfg.soup_margin,
+                             setting=setting, paper=soup_paper.get(pool, "—")))  # fmt: skip
+            f = _seed_differences(results, cfg, pool, n, "feat. ens. (avg head)", "soup")
+            if f is not None:
+                out.append(claim(f"Weight averaging behaves like feature averaging (abs. gap < {cfg.soup_margin})",
+                                 "acc.: feat. ens. (avg head) − soup", f, direction="within",
+                                 margin=cfg.soup_margin, setting=setting,
+                                 paper="Rethinking: soup ≈ feature ensemble within one basin"))  # fmt: skip
+            g = _seed_differences(results, cfg, pool, n, "greedy soup", "best indiv.")
+            if g is not None:
+                out.append(claim("The greedy soup beats the best individual", "acc.: greedy soup − best indiv.", g,
+                                 direction="greater", setting=setting,
+                                 paper="model soups, ViT-B/32: 81.03 vs 80.39"))  # fmt: skip
+        if pool == "independent":
+            al = _seed_differences(results, cfg, pool, n, "aligned soup", "soup")
+            if al is not None:
+                out.append(claim("Weight matching before averaging rescues the independent soup",
+                                 "acc.: aligned soup − soup", al, direction="greater", setting=setting,
+                                 paper="Git Re-Basin MergeMany: merged loss 0.0727 vs 0.11–0.15 inputs"))  # fmt: skip
+        if len(cfg.n_members) > 1 and pool != "independent":
+            lo_n = min(cfg.n_members)
+            big = _seed_differences(results, cfg, pool, n, "soup", None)
+            small = _seed_differences(results, cfg, pool, lo_n, "soup", None)
+            if big is not None and small is not None:
+                out.append(claim(f"Larger pools make better soups (N={n} vs N={lo_n})", f"soup acc.: N={n} − N={lo_n}",
+                                 big, small, direction="greater", setting=setting,
+                                 paper="Rethinking: N ∈ {2,3,5,7,10}; soups gain with N in one basin"))  # fmt: skip
+    for label, by_seed in stability_seeds.items():
+        seeds = sorted(by_seed)
+        for spec in ("scale:one", "scale:all"):
+            if not all(spec in by_seed[s] for s in seeds):
+                continue
+            vals: dict[str, list[float]] = {"soup": [], "logit ens.": []}
+            for s in seeds:
+                curve = by_seed[s][spec]
+                top = max(r["level"] for r in curve)
+                for system in vals:
+                    vals[system].append(
+                        next(r["agreement"] for r in curve if r["level"] == top and r["system"] == system)
+                    )
+            top = max(r["level"] for r in by_seed[seeds[0]][spec])
+            out.append(claim(f"Under ×{top:g} scaling ({spec.split(':')[1]}), the soup's predictions are more stable "
+                             "than the logit ensemble's", f"agreement with unperturbed: soup − logit ens. @×{top:g}",
+                             vals["soup"], vals["logit ens."], direction="greater",
+                             setting=f"{label}, {cfg.stability_pool} pool, N={n}",
+                             paper="Rethinking: weight averaging stabilises predictions under ×100 scaling"))  # fmt: skip
+    return out
 
 
 def _write_report(
@@ -758,9 +929,8 @@ def _write_report(
         f"fine-tuning; {cfg.heldout_fraction:.0%} of each training "
         "split is held out for the greedy selections and never trained on; accuracies are on the test split "
         "(digits: 450 images, MNIST-1D: 1000 series). Each cell is the mean over seeds; **(±h)** is the "
-        f"half-width of a 95% bootstrap interval over test examples ({cfg.n_bootstrap} resamples) of that "
-        "seed-mean, "
-        "i.e. how much the number could move with another test set of the same size. Model sizes: "
+        f"half-width of a 95% Student-t interval over the {len(cfg.seeds)} seeds (each seed trains its own "
+        "pool), i.e. how much the number could move with another training run. Model sizes: "
         + ", ".join(f"{d}/{a} {json.dumps(cfg.arch_kwargs(a, d))}" for d in cfg.datasets for a in cfg.archs)
         + f". Runtime {elapsed / 60:.1f} min ({n_jobs} training jobs, {train_seconds:.0f} CPU-s of training, "
         f"backend {executor.backend}) on {platform.machine()} with {os.cpu_count()} logical CPUs."
@@ -769,43 +939,25 @@ def _write_report(
     # Summary across datasets and archs.
     report.heading("Summary: does the pool kind decide?")
     report.text(
-        f"Per pool kind, averaged over datasets, architectures and seeds at N={n_max}: each column is a "
-        "paired difference in test accuracy (positive = the first method is better), with a 95% paired "
-        "bootstrap interval over test examples. *Soup − logit ens.* near zero means weight averaging is as "
-        "good as ensembling; strongly negative means the soup broke."
+        f"Per pool kind at N={n_max}: each column is a paired difference in test accuracy (positive = the "
+        "first method is better), averaged over datasets and architectures within each seed, then a 95% "
+        f"Student-t interval over the {len(cfg.seeds)} seeds, printed as mean [low, high]. *Soup − logit ens.* "
+        "near zero means weight averaging is as good as ensembling; strongly negative means the soup broke."
     )
     summary_rows = []
     summary_metrics: dict[str, Any] = {}
     for pool in cfg.pools:
-        diffs: dict[str, list[np.ndarray]] = {}
-        for d in cfg.datasets:
-            for a in cfg.archs:
-                r = results.get((d, a, pool, n_max))
-                if not r or "soup" not in r:
-                    continue
-                for label, (x, y) in _SUMMARY_PAIRS.items():
-                    if x in r and y in r:
-                        # Test sets differ in size between datasets: average each setting's mean difference.
-                        diffs.setdefault(label, []).append(np.mean(r[x], axis=0) - np.mean(r[y], axis=0))
         row: dict[str, object] = {"pool": pool}
-        for label, parts in diffs.items():
-            means = [float(p.mean()) for p in parts]
-            cis = [bootstrap_ci(p, cfg.n_bootstrap, seed=7) for p in parts]
-            m = float(np.mean(means))
-            half = float(np.sqrt(np.mean([((hi - lo) / 2) ** 2 for lo, hi in cis])) / math.sqrt(len(parts)))
-            row[label] = f"{m:+.3f} (±{half:.3f})"
-            summary_metrics.setdefault(pool, {})[label] = {
-                "mean": m,
-                "half_width": half,
-                "settings": len(parts),
-            }
+        for label, (x, y) in _SUMMARY_PAIRS.items():
+            diffs = _seed_differences(results, cfg, pool, n_max, x, y)
+            if diffs is None:
+                continue
+            iv = paired_interval(diffs)
+            row[label] = iv.format(3)
+            summary_metrics.setdefault(pool, {})[label] = iv.to_dict() | {"per_seed": diffs}
         summary_rows.append(row)
     report.table(summary_rows)
     report.metrics["summary"] = summary_metrics
-    report.text(
-        "(The ± here combines the per-setting intervals as independent, which is approximate: settings share "
-        "test sets.)"
-    )
 
     # Per (dataset, arch) tables.
     report.heading("Merging vs ensembling, per dataset and architecture")
@@ -831,9 +983,9 @@ def _write_report(
                         if col not in r:
                             row[col] = "—"
                             continue
-                        per_sample = np.mean(r[col], axis=0)
-                        lo, hi = bootstrap_ci(per_sample, cfg.n_bootstrap, seed=1)
-                        mean = float(per_sample.mean())
+                        per_seed = [float(v.mean()) for v in r[col]]
+                        iv = paired_interval(per_seed)
+                        mean, lo, hi = iv.mean, iv.low, iv.high
                         cell = _fmt_ci(mean, lo, hi)
                         ks = kept.get((d, a, pool, n), {}).get(col)
                         if ks:
@@ -842,7 +994,7 @@ def _write_report(
                         table_metrics.setdefault(f"{d}/{a}/{pool}/N={n}", {})[col] = {
                             "mean": mean,
                             "ci95": [lo, hi],
-                            "per_seed": [float(v.mean()) for v in r[col]],
+                            "per_seed": per_seed,
                         }
                     rows.append(row)
             if not rows:
@@ -993,24 +1145,10 @@ def _findings(
     """Plain-language statements generated from the numbers (so they can never drift from them)."""
     lines = []
     for pool, m in summary.items():
-        g = m.get("soup − logit ens.")
-        if g:
-            verdict = (
-                "matches" if g["mean"] > -0.01 else ("trails" if g["mean"] > -0.05 else "breaks against")
-            )
+        for label, g in m.items():
             lines.append(
-                f"{pool} pool: the uniform soup {verdict} the logit ensemble (mean gap {g['mean']:+.3f} over "
-                f"{g['settings']} dataset×arch settings at N={max(cfg.n_members)})."
-            )
-        f = m.get("feat. ens. (avg head) − logit ens.")
-        if f:
-            lines.append(
-                f"{pool} pool: feature ensemble (averaged head) − logit ensemble = {f['mean']:+.3f}."
-            )
-        a = m.get("aligned soup − soup")
-        if a:
-            lines.append(
-                f"{pool} pool: aligning first (weight matching) changes the soup by {a['mean']:+.3f}."
+                f"{pool} pool, {label}: {g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}] over {g['n']} seeds "
+                f"at N={max(cfg.n_members)} (verdicts: the claims table at the top)."
             )
     for label, curves in stability.items():
         for spec, curve in curves.items():

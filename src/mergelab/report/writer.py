@@ -66,6 +66,7 @@ class Report:
         self.title = title
         self.config = dict(config or {})
         self.sections: list[str] = []
+        self.lead: list[str] = []  # printed right under the title, before every section (the claims table)
         self.metrics: dict[str, Any] = {}
 
     def heading(self, text: str, level: int = 2) -> None:
@@ -78,6 +79,17 @@ class Report:
         self, rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None, digits: int = 4
     ) -> None:
         self.sections.append(markdown_table(rows, columns, digits))
+
+    def claims(self, claims: Sequence[Any], intro: str = "") -> None:
+        """Open the report with the claims table (``mergelab.analysis.verdict.Claim`` rows) and keep them in
+        metrics["claims"]; may be called after the sections are written, since results come last."""
+        from mergelab.report.claims import claims_table
+
+        text = (
+            "## Claims and verdicts\n\n" + (intro.rstrip() + "\n\n" if intro else "") + claims_table(claims)
+        )
+        self.lead = [text]
+        self.metrics["claims"] = [c.to_dict() for c in claims]
 
     def figure(self, path: str | Path, caption: str) -> None:
         rel = Path(path).resolve().relative_to(self.folder.resolve())
@@ -104,6 +116,7 @@ class Report:
         head = [
             f"# {self.title}\n",
             f"_Written {env['written']} · torch {env['torch']} · python {env['python']}_\n",
+            *self.lead,
         ]
         if self.config:
             head.append(
