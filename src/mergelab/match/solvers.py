@@ -17,8 +17,9 @@ measurements):
   ``tol=0`` is Git Re-Basin's rule (run until an iteration changes no permutation).
 * a second start (``start="best"``): one forward sweep that solves each tie only from terms whose neighbours are
   fixed or already solved; kept when it reaches the Cauchy-Schwarz bound, or for a related pair (aligned cosine
-  ≥ 0.5) when it scores higher than descent from the identity ends. From the identity alone, the first LAPs fit the noise of neighbours in an arbitrary
-  order and lock descent in poor optima: permuted copies of depthwise + squeeze-excite nets were not recovered.
+  ≥ 0.5) when it scores higher than descent from the identity ends. From the identity alone, the first LAPs fit
+  the noise of neighbours in an arbitrary order and lock descent in poor optima: permuted copies of depthwise +
+  squeeze-excite nets were not recovered.
 
 References:
     Ainsworth, Hayase, Srinivasa. Git Re-Basin: Merging Models modulo Permutation Symmetries. ICLR 2023.
@@ -629,42 +630,43 @@ def _weight_matching(
         raise ValueError(f"weight matching: start={start!r}; choose 'best', 'identity' or 'propagate'")
     sim = WeightSimilarity(structure, params_a, params_b)
     kw = {"max_iter": max_iter, "seed": seed, "tol": tol, "lap": lap}
-    starts: dict[str, float] = {}
-    extra = (0, 0.0, 0.0)  # work of a start that was not continued: solves, similarity s, LAP s
+    starts: dict[str, float] = {}  # the objective each start reached
+    made: list[_Descent] = []  # every descent run, for the cost in info
+    sweep = (0, 0.0, 0.0)  # the propagation sweep's cost: LAPs, similarity s, LAP s
     if init:
         perms = _identity(structure)
         perms.update({k: torch.as_tensor(v, dtype=torch.long).clone() for k, v in init.items()})
         run, used = _descend(structure, sim, perms, **kw), "init"
+        made.append(run)
     elif start == "identity":
         run, used = _descend(structure, sim, _identity(structure), **kw), "identity"
+        made.append(run)
     else:
         prop, states = _identity(structure), {}
-        cost = _propagate(structure, sim, prop, states, lap)
+        sweep = _propagate(structure, sim, prop, states, lap)
         starts["propagate"] = weight_objective(structure, params_a, params_b, prop)
-        run, used = None, "propagate"
         bound = _objective_bound(params_a, params_b)
+        use_propagated = start == "propagate"
         if starts["propagate"] >= (1.0 - _OPTIMAL_RTOL) * bound:
             # the Cauchy-Schwarz bound is reached (a permuted copy): the global optimum, nothing to descend
-            run = _Descent(prop, [starts["propagate"]], stopped="optimal")
-            extra = (0, 0.0, 0.0)
+            run, used = _Descent(prop, [starts["propagate"]], stopped="optimal"), "propagate"
+            use_propagated = False
         elif start == "best":
             # Git Re-Basin's start first; the propagated one replaces it only for a related pair (aligned cosine
             # ≥ _RELATED_COSINE) and only if it already scores higher than where descent from the identity ends
             # (descent never lowers the objective, so it can only end higher).
             run, used = _descend(structure, sim, _identity(structure), **kw), "identity"
+            made.append(run)
             starts["identity"] = run.history[-1]
-            if starts["propagate"] >= _RELATED_COSINE * bound and starts["propagate"] > run.history[-1] + (
-                _REL_TOL * max(1.0, abs(run.history[-1]))
-            ):
-                extra = (run.solves, run.t_sim, run.t_lap)
-                run, used = None, "propagate"
-        if run is None or used == "propagate":
-            if run is None:
-                run = _descend(structure, sim, prop, lap_states=states, **kw)
-                starts["propagate"] = run.history[-1]
-            extra = tuple(x + y for x, y in zip(extra, cost, strict=True))  # type: ignore[assignment]
-        else:
-            extra = cost
+            margin = _REL_TOL * max(1.0, abs(run.history[-1]))
+            use_propagated = (
+                starts["propagate"] >= _RELATED_COSINE * bound
+                and starts["propagate"] > run.history[-1] + margin
+            )
+        if use_propagated:
+            run, used = _descend(structure, sim, prop, lap_states=states, **kw), "propagate"
+            made.append(run)
+            starts["propagate"] = run.history[-1]
     if len(starts) > 1:
         logger.info("weight matching: objective from each start %s; kept %r", starts, used)
     info = {
@@ -676,8 +678,11 @@ def _weight_matching(
         "lap": lap,
         "start": used,
         "starts": starts,
-        "solves": run.solves + extra[0],
-        "seconds": {"similarity": run.t_sim + extra[1], "lap": run.t_lap + extra[2]},
+        "solves": sweep[0] + sum(r.solves for r in made),
+        "seconds": {
+            "similarity": sweep[1] + sum(r.t_sim for r in made),
+            "lap": sweep[2] + sum(r.t_lap for r in made),
+        },
     }
     return run.perms, info
 
