@@ -6,9 +6,12 @@ the CPU seconds of that run, the coordinate-descent iterations, and the midpoint
 and the aligned pair (``mergelab.analysis.interpolate`` with steps=3, the same loader for every tool).
 
 Rows:
-  * ``mergelab wm``: weight matching with the defaults (sparse certified LAP, warm starts, ``tol`` stopping rule);
+  * ``mergelab wm``: weight matching with the defaults (sparse certified LAP, warm starts, ``tol`` stopping rule,
+    ``start="best"``: descent from the identity, plus the propagated start's sweep);
+  * ``mergelab wm identity start``: the same with ``start="identity"`` only (Git Re-Basin's start, no extra sweep);
   * ``mergelab wm tol=0``: the same solver run until an iteration changes nothing (Git Re-Basin's rule);
-  * ``mergelab wm dense tol=0``: scipy's dense LAP without warm starts, tol=0 (the algorithm before the speed-up);
+  * ``mergelab wm dense tol=0``: scipy's dense LAP without warm starts, tol=0, identity start (the algorithm
+    before the speed-up);
   * ``rebasin wm``: ``rebasin.PermutationCoordinateDescent`` (PyPI ``rebasin``, weight matching);
   * ``mergelab am``: activation matching (one LAP per group on feature correlations over the train set).
 
@@ -158,11 +161,14 @@ def bench_width(width: int, args: argparse.Namespace, data: Any, loader: DataLoa
         )
         print(f"  {tool:24s} {_fmt(secs):>8s} s  iters {iters!s:>4s}  barrier {_fmt(aligned)}", flush=True)
 
-    variants: list[tuple[str, dict]] = [("mergelab wm", {"tol": args.tol})]
+    variants: list[tuple[str, dict]] = [
+        ("mergelab wm", {"tol": args.tol}),
+        ("mergelab wm identity start", {"tol": args.tol, "start": "identity"}),
+    ]
     if args.tol > 0:
         variants.append(("mergelab wm tol=0", {"tol": 0.0}))
     if width <= args.max_dense_width:
-        variants.append(("mergelab wm dense tol=0", {"tol": 0.0, "lap": "dense"}))
+        variants.append(("mergelab wm dense tol=0", {"tol": 0.0, "lap": "dense", "start": "identity"}))
     for tool, kw in variants:
 
         def wm(kw: dict = kw) -> Any:

@@ -295,8 +295,8 @@ CNN_NETS: dict[str, tuple[NetBuilder, tuple[int, ...]]] = {
 
 @torch.no_grad()
 def torchvision_init(model: nn.Module) -> nn.Module:
-    """torchvision's initialisation of these families: Kaiming-normal (fan-out) convs, unit/zero norms, zero
-    biases, N(0, 0.01) Linear weights. Fan-out counts a depthwise kernel's ``C·k·k`` entries, so depthwise kernels
+    """torchvision's MobileNetV3 initialisation: Kaiming-normal (fan-out) convs, unit/zero norms, zero biases,
+    N(0, 0.01) Linear weights (its EfficientNet differs only in the Linear layers). Fan-out counts a depthwise kernel's ``C·k·k`` entries, so depthwise kernels
     come out small: most of a unit's signal lies in the tensors it shares with its neighbours."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):

@@ -123,3 +123,19 @@ def test_best_start_keeps_the_higher_run(name: str) -> None:
     kept = single[best.info["start"]]
     assert best.info["objective"] == kept.info["objective"]
     assert all(torch.equal(best.perms[1][g.name], kept.perms[1][g.name]) for g in s)
+
+
+def test_best_start_recovers_a_noisy_permuted_copy() -> None:
+    """A permuted copy with noise (30 % of each tensor's std) is a related pair: the propagated start is kept."""
+    model, x = RECOVERY_MODELS["efficientnet_like-torchvision"](0)
+    s = discover_structure(model, x)
+    perm = random_permutations(s, 0)
+    noisy = permute(model, s, perm)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            if p.numel() > 1:
+                p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
+    al = match_weights(s, model, noisy, seed=1)
+    assert al.info["start"] == "propagate" and al.info["stopped"] != "optimal"
+    assert all(torch.equal(al.perms[1][h.name], torch.argsort(perm[h.name])) for h in s)
