@@ -328,3 +328,23 @@ def test_cli_weight_matching_on_hf_folders_undoes_a_hidden_permutation(
     merged = cls.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_trim_rounding_rule_and_ties_at_the_threshold() -> None:
+    from mergelab.merge.task_vectors import TaskVectorConfig, combine_task_vectors, keep_count
+
+    assert [keep_count(0.2, 10), keep_count(0.25, 10), keep_count(0.01, 10), keep_count(1.0, 7)] == [
+        2,
+        3,
+        1,
+        7,
+    ]
+    d = torch.tensor(
+        [[4.0, -3.0, 3.0, 1.0, 0.5]]
+    )  # keep ceil(0.4·5) = 2: 4 and both 3s (a tie at the threshold)
+    out = combine_task_vectors(d.clone(), TaskVectorConfig(density=0.4))
+    assert torch.equal(out, torch.tensor([4.0, -3.0, 3.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="trim"):
+        TaskVectorConfig(density=0.5, trim="layer")
+    with pytest.raises(ValueError, match="thresholds"):
+        combine_task_vectors(d.clone(), TaskVectorConfig(density=0.4, trim="global"))
