@@ -348,3 +348,27 @@ def test_trim_rounding_rule_and_ties_at_the_threshold() -> None:
         TaskVectorConfig(density=0.5, trim="layer")
     with pytest.raises(ValueError, match="thresholds"):
         combine_task_vectors(d.clone(), TaskVectorConfig(density=0.4, trim="global"))
+
+
+def test_cli_activation_matching_streams_and_evaluates(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(save(build_model("mlp", (1, 8, 8), 10, width=16, depth=1), tmp_path / f"m{seed}"))
+    out = tmp_path / "am"
+    argv = [
+        "merge",
+        *map(str, paths),
+        "--method",
+        "activation_matching",
+        "--data",
+        "digits",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["metadata"]["merge"]["method"] == "activation_matching"
+    assert set(cfg["metadata"]["metrics"]) == {"model0", "model1", "merged"}
+    assert load(out).head.weight.shape == (10, 16)
