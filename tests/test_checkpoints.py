@@ -328,3 +328,47 @@ def test_cli_weight_matching_on_hf_folders_undoes_a_hidden_permutation(
     merged = cls.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_trim_rounding_rule_and_ties_at_the_threshold() -> None:
+    from mergelab.merge.task_vectors import TaskVectorConfig, combine_task_vectors, keep_count
+
+    assert [keep_count(0.2, 10), keep_count(0.25, 10), keep_count(0.01, 10), keep_count(1.0, 7)] == [
+        2,
+        3,
+        1,
+        7,
+    ]
+    d = torch.tensor(
+        [[4.0, -3.0, 3.0, 1.0, 0.5]]
+    )  # keep ceil(0.4·5) = 2: 4 and both 3s (a tie at the threshold)
+    out = combine_task_vectors(d.clone(), TaskVectorConfig(density=0.4))
+    assert torch.equal(out, torch.tensor([4.0, -3.0, 3.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="trim"):
+        TaskVectorConfig(density=0.5, trim="layer")
+    with pytest.raises(ValueError, match="thresholds"):
+        combine_task_vectors(d.clone(), TaskVectorConfig(density=0.4, trim="global"))
+
+
+def test_cli_activation_matching_streams_and_evaluates(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(save(build_model("mlp", (1, 8, 8), 10, width=16, depth=1), tmp_path / f"m{seed}"))
+    out = tmp_path / "am"
+    argv = [
+        "merge",
+        *map(str, paths),
+        "--method",
+        "activation_matching",
+        "--data",
+        "digits",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["metadata"]["merge"]["method"] == "activation_matching"
+    assert set(cfg["metadata"]["metrics"]) == {"model0", "model1", "merged"}
+    assert load(out).head.weight.shape == (10, 16)

@@ -241,7 +241,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-_STREAMED = ("average", "task_arithmetic", "ties", "dare", "weight_matching")
+_STREAMED = ("average", "task_arithmetic", "ties", "dare", "weight_matching", "activation_matching")
 
 
 def _merge_streamed(args: argparse.Namespace, options: dict[str, Any], out: Path) -> None:
@@ -252,6 +252,10 @@ def _merge_streamed(args: argparse.Namespace, options: dict[str, Any], out: Path
 
     with contextlib.suppress(CheckpointError):  # a bare .safetensors file or HF folder: no dataset recorded
         _data_from_checkpoint(args, args.checkpoints[0], required=False)
+    if args.method == "activation_matching":
+        if not args.data:
+            raise ValueError("method 'activation_matching' needs --data")
+        options["data"] = _loader(_load_data(args).train)
     merge_checkpoints(
         args.checkpoints,
         out,
@@ -423,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         help="merge checkpoints into one model",
         description="Merge checkpoints: mergelab run folders, .safetensors files or Hugging Face folders "
-        "(sharded or not). average, task_arithmetic, ties, dare and weight_matching stream tensor by tensor "
-        "and write sharded safetensors (Hugging Face folders stay loadable with from_pretrained); the other "
+        "(sharded or not). average, task_arithmetic, ties, dare, weight_matching and activation_matching stream "
+        "tensor by tensor and write sharded safetensors (Hugging Face folders stay loadable with from_pretrained); the other "
         "methods, and --repair, load zoo models into memory.",
     )
     p.add_argument("checkpoints", nargs="+", help="checkpoints: run folders, .safetensors files, HF folders")

@@ -359,7 +359,7 @@ def _write_config(
         "method": method,
         "inputs": [str(p) for p in inputs],
         "base": None if base is None else str(base),
-        "options": {k: v for k, v in options.items() if k != "structure"},
+        "options": {k: v for k, v in options.items() if k not in ("structure", "data")},
     }
     weights = {name: {"sha256": h} for name, h in sha.items()}
     spec = first.model_spec
