@@ -231,10 +231,17 @@ def test_executor_caches_each_job_as_it_finishes(tmp_path: Path) -> None:
     assert (again.reused, again.computed) == (3, 0)
     for r1, r2 in zip(first, second, strict=True):
         assert r1.keys() == r2.keys() and torch.equal(r1["y"], r2["y"]) and r1["meta"] == r2["meta"]
+        assert r1["m"] == r2["m"]
 
 
 def _job(job: dict) -> dict:
-    return {"y": job["x"] * 2, "meta": (job["name"], {"n": 1.5, (1, 2): [None, True]})}
+    from mergelab.evaluation import Metrics
+
+    return {
+        "y": job["x"] * 2,
+        "meta": (job["name"], {"n": 1.5, (1, 2): [None, True]}),
+        "m": Metrics(0.5, 1.0, 3),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------- typed options
