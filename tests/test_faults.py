@@ -231,10 +231,17 @@ def test_executor_caches_each_job_as_it_finishes(tmp_path: Path) -> None:
     assert (again.reused, again.computed) == (3, 0)
     for r1, r2 in zip(first, second, strict=True):
         assert r1.keys() == r2.keys() and torch.equal(r1["y"], r2["y"]) and r1["meta"] == r2["meta"]
+        assert r1["m"] == r2["m"]
 
 
 def _job(job: dict) -> dict:
-    return {"y": job["x"] * 2, "meta": (job["name"], {"n": 1.5, (1, 2): [None, True]})}
+    from mergelab.evaluation import Metrics
+
+    return {
+        "y": job["x"] * 2,
+        "meta": (job["name"], {"n": 1.5, (1, 2): [None, True]}),
+        "m": Metrics(0.5, 1.0, 3),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------- typed options
@@ -345,6 +352,19 @@ def test_evaluate_tasks_maps_columns_to_classes() -> None:
     assert m["joint"].accuracy == pytest.approx(2 / 3) and m["joint"].count == 3
     assert (m["task0"].count, m["task0"].accuracy) == (2, 0.5)
     assert (m["task1"].count, m["task1"].accuracy) == (1, 1.0)
+
+
+@pytest.mark.xfail(
+    reason="weights checksums are verified on load once the checkpoints branch is merged", strict=False
+)
+def test_corrupted_weights_are_refused_on_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _ckpt(tmp_path / "a")
+    weights = a / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-8:] = b"\xff" * 8  # payload bytes (not the header): the file still parses
+    weights.write_bytes(bytes(raw))
+    assert main(["eval", str(a)]) == 2
+    assert "model.safetensors" in _err(capsys)
 
 
 # -------------------------------------------------------------------------------------------------------- clear errors

@@ -2,7 +2,8 @@
 
 A job is identified by its function's name and a fingerprint of its options (nested dicts, lists, tuples,
 numbers, strings, dataclasses, paths, tensors and arrays by content). Its result is stored as ``NAME-KEY.json``
-(structure) beside ``NAME-KEY.safetensors`` (tensors and arrays); no pickle is written or read. The JSON file is
+(structure, including mergelab's own dataclasses field by field) beside ``NAME-KEY.safetensors`` (tensors and
+arrays); no pickle is written or read. The JSON file is
 renamed into place last, so a result is either complete or absent.
 """
 
@@ -134,6 +135,14 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return obj.item()
     if isinstance(obj, Path):
         return {"__path__": str(obj)}
+    if (
+        dataclasses.is_dataclass(obj)
+        and not isinstance(obj, type)
+        and type(obj).__module__.startswith("mergelab.")
+    ):
+        cls = type(obj)
+        fields = {f.name: _encode(getattr(obj, f.name), tensors) for f in dataclasses.fields(obj)}
+        return {"__dataclass__": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
     raise Uncacheable(f"cannot store a {type(obj).__name__}")
 
 
@@ -152,7 +161,27 @@ def _decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return tensors[tree["__ndarray__"]].numpy()
     if "__path__" in tree:
         return Path(tree["__path__"])
+    if "__dataclass__" in tree:
+        return _dataclass(tree["__dataclass__"], {k: _decode(v, tensors) for k, v in tree["fields"].items()})
     raise ValueError(f"unknown entry {sorted(tree)}")
+
+
+def _dataclass(path: str, fields: dict[str, Any]) -> Any:
+    """Rebuild a mergelab dataclass field by field (only mergelab's own classes are ever imported)."""
+    import importlib
+
+    module, qualname = path.split(":")
+    if not module.startswith("mergelab."):
+        raise ValueError(f"refusing to rebuild {path}: not a mergelab class")
+    cls: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    if not dataclasses.is_dataclass(cls):
+        raise ValueError(f"{path} is not a dataclass")
+    obj = object.__new__(cls)
+    for k, v in fields.items():
+        object.__setattr__(obj, k, v)
+    return obj
 
 
 def _hashable(k: Any) -> Any:

@@ -108,12 +108,14 @@ class RunDir:
 
     def open(self) -> Path:
         """Check the target, take the lock and create the temporary folder; returns it."""
-        if any(self.path.resolve() == p or p in self.path.resolve().parents for p in _OPEN):
-            # Inside a folder this process is already writing atomically: write in place.
+        here = self.path.resolve()
+        if here in _OPEN or any(p in here.parents for p in _OPEN):
+            # Inside a folder this process is already writing atomically: write in place (a subfolder left by an
+            # interrupted attempt of a resumed study is replaced; the open folder itself is kept as it is).
             self._nested = True
-            if self.path.exists():
+            if here not in _OPEN and self.path.exists():
                 _remove(self.path)
-            self.path.mkdir(parents=True)
+            self.path.mkdir(parents=True, exist_ok=True)
             return self.path
         check_out_path(self.path, self.inputs)
         self._check_replaceable()
