@@ -488,9 +488,9 @@ def _uninformative(similarity: Tensor) -> bool:
 
     A LAP on such a matrix returns an arbitrary permutation; keeping the current one is as good and honest.
     """
-    s = similarity.double()
-    resid = s - s.mean(1, keepdim=True) - s.mean(0, keepdim=True) + s.mean()
-    return bool(resid.abs().max() <= 1e-6 * max(float(s.abs().max()), 1e-30))
+    s = similarity.detach().cpu().numpy()  # numpy: one pass, no thread start-up for a small matrix
+    resid = s - s.mean(1, keepdims=True) - s.mean(0, keepdims=True) + s.mean()
+    return bool(np.abs(resid).max() <= 1e-6 * max(float(np.abs(s).max()), 1e-30))
 
 
 def _propagate(
