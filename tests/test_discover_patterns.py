@@ -247,6 +247,16 @@ def test_rmsnorm_gqa_rotary_swiglu_tied_head() -> None:
     assert _group(s, "mlp.gate.weight") == _group(s, "mlp.up.weight")
 
 
+def test_rotary_fixes_qk_dims_but_not_heads_or_value_dims() -> None:
+    ids = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(0))
+    s = check(TinyLM(heads=4, kv_heads=4), ids)
+    qk, vo = s[_group(s, "attn.q.weight")], s[_group(s, "attn.v.weight")]
+    # q/k: whole heads (4 dims each) move, tied to the value heads; v/o dims move freely inside each head
+    assert (qk.size, qk.blocks, {a.inner for a in qk.axes}) == (4, 4, {4})
+    assert (vo.size, vo.blocks, {a.inner for a in vo.axes}) == (16, 4, {1})
+    assert s.tie_of(qk.name) == (qk.name, vo.name)
+
+
 class WindowAttention(nn.Module):
     """Swin window attention: windows by view/permute, a relative position bias table indexed by a buffer."""
 

@@ -1,4 +1,4 @@
-"""Write a :class:`Structure` by hand, for models ``torch.fx`` cannot trace.
+"""Write a :class:`Structure` by hand, for models ``torch.export`` cannot export (or to restrict one).
 
 Each helper returns the ``(group name, Axis)`` pairs one layer contributes; :func:`build_structure` collects
 them, infers group sizes from the weights and validates the result. A group name of ``None`` means "not

@@ -262,11 +262,13 @@ class Bases:
             ok = e % k == 0
             for p in (pa, pb):
                 b = self.b[self.find(p.basis)]
-                inner = self.inner(p)
-                units_per_block = k / inner
+                units_per_block = k / self.inner(p)
                 ok = ok and units_per_block.denominator == 1 and b.size % int(units_per_block) == 0
                 if ok:
-                    self.combine_blocks(p.basis, b.size // int(units_per_block), where)
+                    try:
+                        self.combine_blocks(p.basis, b.size // int(units_per_block), where)
+                    except ValueError:  # the basis already has other blocks: keep both in place
+                        ok = False
             if not ok:
                 self.fix([pa, pb], f"{where}: head blocks do not line up")
                 continue

@@ -378,9 +378,6 @@ def new_tensor(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
     return w.fresh()
 
 
-_ = Seq
-
-
 @rule("repeat_interleave")
 def repeat_interleave(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
     """``x.repeat_interleave(n, dim)``: each entry repeated ``n`` times in place (``repeat_kv`` written short)."""
