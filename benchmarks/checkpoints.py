@@ -2,7 +2,7 @@
 
 Generates synthetic float32 checkpoints of ``--size-mib`` each in a temporary folder (a base and fine-tunes whose
 task vectors differ in scale from layer to layer), then runs every tool and method in a fresh subprocess that
-reports its wall time, its peak RSS (``ru_maxrss``) and its RSS right after imports (so "merge memory" = peak −
+reports its wall time, its peak RSS (``VmHWM``) and its RSS right after imports (so "merge memory" = peak −
 baseline is the cost of the merge itself, not of importing torch):
 
 * ``mergelab``: :func:`mergelab.merge.streamed.merge_checkpoints` (reads tensor by tensor, writes as it goes);
@@ -77,11 +77,21 @@ def make_inputs(folder: Path, size_mib: int, n_tunes: int) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------------ workers
-def _rss_now() -> int:
+def _status(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _rss_now() -> int:
+    return _status("VmRSS")
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS. Not ``ru_maxrss``: Linux carries that over ``exec`` from the forked parent, so a
+    child of a big parent would report the parent's size; ``VmHWM`` belongs to the new image only."""
+    return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(tool: str, method: str, inputs: list[str], base: str | None, out: str) -> dict[str, Any]:
@@ -103,7 +113,7 @@ def worker(tool: str, method: str, inputs: list[str], base: str | None, out: str
     t0 = time.perf_counter()
     run[tool](method, inputs, base, out)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     return {"seconds": seconds, "peak": peak, "baseline": baseline}
 
 
@@ -415,7 +425,7 @@ def aligned_worker(mode: str, inputs: list[str], out: str) -> dict[str, Any]:
     else:
         merge_checkpoints(inputs, out, method="weight_matching", max_iter=3)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     return {"seconds": seconds, "peak": peak, "baseline": baseline}
 
 
