@@ -188,6 +188,9 @@ def test_inputs_are_checked_before_anything_is_written(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="needs a base"):
         merge_checkpoints([pa, pa], tmp_path / "out", method="ties")
+    with pytest.raises(ValueError, match="overlaps the input"):
+        merge_checkpoints([pa, pa / "model.safetensors"], pa, force=True)
+    assert (pa / "model.safetensors").is_file()
     with pytest.raises(TypeError, match="alpha"):
         merge_checkpoints([pa, pa], tmp_path / "out", method="average", alpha=1)
 
