@@ -375,3 +375,16 @@ def test_cli_activation_matching_streams_and_evaluates(tmp_path: Path) -> None:
     assert cfg["metadata"]["merge"]["method"] == "activation_matching"
     assert set(cfg["metadata"]["metrics"]) == {"model0", "model1", "merged"}
     assert load(out).head.weight.shape == (10, 16)
+
+
+def test_kth_largest_is_exact() -> None:
+    from mergelab.merge.task_vectors import kth_largest
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 200_000, generator=g).abs() * torch.logspace(-4, 1, 200_000)
+    x[1, :50_000] = 0.0  # zeros and a tie-heavy row
+    x[2] = x[2].round(decimals=2)
+    for k in (1, 7, 40_000, 150_000, 200_000):
+        expected = x.kthvalue(x.shape[1] - k + 1, dim=1).values
+        assert torch.equal(kth_largest(x, k), expected), k
+        assert torch.equal(kth_largest(x.double(), k), expected.double()), k
