@@ -188,6 +188,9 @@ def test_inputs_are_checked_before_anything_is_written(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="needs a base"):
         merge_checkpoints([pa, pa], tmp_path / "out", method="ties")
+    with pytest.raises(ValueError, match="overlaps the input"):
+        merge_checkpoints([pa, pa / "model.safetensors"], pa, force=True)
+    assert (pa / "model.safetensors").is_file()
     with pytest.raises(TypeError, match="alpha"):
         merge_checkpoints([pa, pa], tmp_path / "out", method="average", alpha=1)
 
@@ -372,3 +375,16 @@ def test_cli_activation_matching_streams_and_evaluates(tmp_path: Path) -> None:
     assert cfg["metadata"]["merge"]["method"] == "activation_matching"
     assert set(cfg["metadata"]["metrics"]) == {"model0", "model1", "merged"}
     assert load(out).head.weight.shape == (10, 16)
+
+
+def test_kth_largest_is_exact() -> None:
+    from mergelab.merge.task_vectors import kth_largest
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 200_000, generator=g).abs() * torch.logspace(-4, 1, 200_000)
+    x[1, :50_000] = 0.0  # zeros and a tie-heavy row
+    x[2] = x[2].round(decimals=2)
+    for k in (1, 7, 40_000, 150_000, 200_000):
+        expected = x.kthvalue(x.shape[1] - k + 1, dim=1).values
+        assert torch.equal(kth_largest(x, k), expected), k
+        assert torch.equal(kth_largest(x.double(), k), expected.double()), k

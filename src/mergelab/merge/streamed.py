@@ -119,6 +119,7 @@ def merge_checkpoints(
         if verify:
             for s in everyone:
                 s.verify_checksums()
+        _check_out(Path(out), [*inputs, *([base] if base is not None else [])], op)
         kernel, passes = _kernel(method, sources, base_src, keys, options, data, example_input, op)
         plan = [TensorPlan(k, sources[0].info(k).dtype, sources[0].info(k).shape) for k in keys]
         inputs_ = [*inputs, *([base] if base is not None else [])]
@@ -384,6 +385,15 @@ def _write_config(
         "weights": weights,
     }
     (folder / PROVENANCE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+
+
+def _check_out(out: Path, inputs: Sequence[str | Path], op: str) -> None:
+    """Refuse an output folder that is, contains or lies inside an input (``--force`` would delete it)."""
+    o = out.resolve()
+    for p in inputs:
+        q = Path(p).resolve()
+        if o == q or o in q.parents or q in o.parents:
+            raise ValueError(f"{op}: --out {out} overlaps the input {p}; choose another folder")
 
 
 def _prefetch(sources: Sequence[CheckpointSource], keys: Sequence[str]) -> Iterator[list[Tensor]]:
