@@ -357,6 +357,8 @@ def _width_plot(
             ax.errorbar(ws, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
                         color=colors[p], label=p)  # fmt: skip
         ax.set(xlabel="width ×", ylabel="loss barrier", title=f"{a} / {d}", xscale="log")
+        ax.set_xticks(ws, [f"×{w}" for w in ws], minor=False)
+        ax.minorticks_off()
         ax.legend(fontsize=6)
         naive = [mean_std(_values(groups[(d, a, w)], "naive", "loss_barrier"))[0] for w in ws]
         wm = [mean_std(_values(groups[(d, a, w)], "weight_matching", "loss_barrier"))[0] for w in ws]
