@@ -155,10 +155,12 @@ class CheckpointSource:
         return None
 
     # -------------------------------------------------------------------------------------------- reading
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory (owned by the caller, writable)."""
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into fresh memory (owned by the caller, writable), or into ``buffer`` (uint8, exactly
+        the tensor's byte size; a streaming caller recycles buffers to avoid page faults on fresh memory)."""
         t = self.info(name)
-        buf = torch.empty(t.nbytes, dtype=torch.uint8)
+        ok = buffer is not None and buffer.dtype == torch.uint8 and buffer.numel() == t.nbytes
+        buf = buffer if ok and buffer is not None else torch.empty(t.nbytes, dtype=torch.uint8)
         if t.nbytes:
             fh = self._handle(t.file)
             view = memoryview(buf.numpy())

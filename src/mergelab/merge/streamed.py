@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -399,15 +400,52 @@ def _check_out(out: Path, inputs: Sequence[str | Path], op: str) -> None:
 def _prefetch(sources: Sequence[CheckpointSource], keys: Sequence[str]) -> Iterator[list[Tensor]]:
     """Every source's copy of each key in turn, reading the next key on a helper thread (reads release the GIL)
     while the caller merges the current one; at most one key is read ahead."""
+    buffers = _BufferPool(2 * len(sources))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-reader") as pool:
-        read = lambda k: [s.read(k) for s in sources]  # noqa: E731
+        read = lambda k: [s.read(k, buffers.take(s.info(k).nbytes)) for s in sources]  # noqa: E731
         ahead = pool.submit(read, keys[0]) if keys else None
         for i in range(len(keys)):
             assert ahead is not None
             current = ahead.result()
             ahead = pool.submit(read, keys[i + 1]) if i + 1 < len(keys) else None
             yield current
+            for t in current:  # the caller is done with this key's tensors (kernels never return an input)
+                buffers.give(t)
             del current
+
+
+class _BufferPool:
+    """Byte buffers handed back after use, reused for the next tensor of the same size: fresh memory costs a
+    page fault and a zeroing per page, which made reading twice as slow. Holds at most ``capacity`` buffers."""
+
+    def __init__(self, capacity: int) -> None:
+        self._free: dict[int, list[Tensor]] = {}
+        self._count = 0
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> Tensor | None:
+        with self._lock:
+            free = self._free.get(nbytes)
+            if not free:
+                return None
+            self._count -= 1
+            return free.pop()
+
+    def give(self, t: Tensor) -> None:
+        if t.numel() == 0 or not t.is_contiguous():
+            return
+        buf = t.reshape(-1).view(torch.uint8)
+        with self._lock:
+            if self._count >= self._capacity:
+                # a new size while full: keep the newest sizes (layers repeat), drop one buffer of another size
+                size = next((n for n, free in self._free.items() if free and n != buf.numel()), None)
+                if size is None:
+                    return
+                self._free[size].pop()
+                self._count -= 1
+            self._free.setdefault(buf.numel(), []).append(buf)
+            self._count += 1
 
 
 def _check_finite(merged: Tensor, inputs: Sequence[Tensor], names: Sequence[str], key: str, op: str) -> None:
