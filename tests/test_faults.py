@@ -354,9 +354,6 @@ def test_evaluate_tasks_maps_columns_to_classes() -> None:
     assert (m["task1"].count, m["task1"].accuracy) == (1, 1.0)
 
 
-@pytest.mark.xfail(
-    reason="weights checksums are verified on load once the checkpoints branch is merged", strict=False
-)
 def test_corrupted_weights_are_refused_on_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a = _ckpt(tmp_path / "a")
     weights = a / "model.safetensors"
