@@ -16,9 +16,11 @@ import torch
 from _cnn_nets import randomize_norms
 from test_discover_patterns import (
     ChunkAttention,
+    ConvNeXtLike,
     MobileNetLike,
     PackedAttention,
     RegNetLike,
+    ShuffleNetLike,
     SwinLike,
     TimmViT,
     TinyLM,
@@ -117,6 +119,8 @@ REAL_MODELS: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
     "swin-window-attention": _plain(SwinLike, lambda: torch.randn(2, 2, 4, 4)),
     "mobilenet-depthwise-se": _plain(MobileNetLike, lambda: torch.randn(2, 2, 5, 5)),
     "regnet-grouped-conv": _plain(RegNetLike, lambda: torch.randn(2, 2, 4, 4)),
+    "convnext-layer-scale": _plain(ConvNeXtLike, lambda: torch.randn(2, 2, 6, 6)),
+    "shufflenet-channel-shuffle": _plain(ShuffleNetLike, lambda: torch.randn(2, 2, 3, 3)),
 }
 
 
