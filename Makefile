@@ -22,10 +22,10 @@ demo: setup  ## train two models on digits, merge them several ways, write a rep
 
 test: setup  ## the test suite CI runs (slow studies excluded; property tests included)
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto
 
 test-slow: setup  ## also the slow study tests
-	$(VENV)/bin/python -m pytest -q -m "not ray"
+	$(VENV)/bin/python -m pytest -q -n auto -m "not ray"
 
 test-ray: setup  ## the Ray backend's tests (installs the ray extra)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[ray]"
