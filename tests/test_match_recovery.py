@@ -12,6 +12,7 @@ eval mode, with non-constant norm statistics so a wrong permutation of them show
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -69,9 +70,11 @@ RECOVERY_MODELS: dict[str, Builder] = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(RECOVERY_MODELS))
-def test_weight_matching_recovers_random_permutation(name: str) -> None:
-    model, x = RECOVERY_MODELS[name](0)
+def assert_recovers(model: nn.Module, x: Any) -> None:
+    """Weight matching finds the permutation hidden in a permuted copy, and ``merge`` returns the model.
+
+    ``x`` is the example input: a tensor, or a dict of keyword inputs (Hugging Face models).
+    """
     s = discover_structure(model, x)
     assert len(s) > 0
     perm = random_permutations(s, 0)
@@ -87,7 +90,17 @@ def test_weight_matching_recovers_random_permutation(name: str) -> None:
     for k, v in model.state_dict().items():
         torch.testing.assert_close(merged.state_dict()[k], v, msg=k)
     with torch.no_grad():
-        torch.testing.assert_close(merged(x), model(x), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(_logits(merged, x), _logits(model, x), atol=1e-6, rtol=1e-5)
+
+
+def _logits(model: nn.Module, x: Any) -> Tensor:
+    out = model(**x) if isinstance(x, dict) else model(x)
+    return out if isinstance(out, Tensor) else (out.logits if hasattr(out, "logits") else out[0])
+
+
+@pytest.mark.parametrize("name", sorted(RECOVERY_MODELS))
+def test_weight_matching_recovers_random_permutation(name: str) -> None:
+    assert_recovers(*RECOVERY_MODELS[name](0))
 
 
 def test_starts() -> None:
