@@ -172,6 +172,11 @@ class WeightSimilarity:
         w_b = self.params_b[axis.param]
         b_rows = unit_matrix(permute_tensor(w_b, others), axis, g.size)  # (n, R)
         a_rows = unit_matrix(self.params_a[axis.param], axis, g.size).contiguous()  # (n, R); a view on dim 0
+        if not others:
+            # No other group permutes this tensor (a bias, a norm's affine, the model's fixed input/output side):
+            # the term never changes, and recomputing it gives the same bits as a cached copy, whose n² floats
+            # would often outweigh the tensor itself.
+            return a_rows @ b_rows.T
         if cached is not None:
             used, term = cached
             b_old = unit_matrix(permute_tensor(w_b, used), axis, g.size)  # the rows ``term`` was made from
