@@ -12,8 +12,8 @@ Each method runs the same per-tensor kernel as its in-memory version, so the res
 * ``task_arithmetic``, ``ties``, ``dare``: :func:`~mergelab.merge.task_vectors.merge_task_vector_tensor` (TIES
   with ``trim="global"`` first finds each model's threshold over its whole task vector in two extra streaming
   passes: a histogram of the magnitudes' top 16 bits, then an exact selection inside one bin);
-* ``weight_matching`` / ``activation_matching``: the models are rebuilt (zoo spec or Hugging Face config) and
-  aligned in memory — what the solver needs — then released, and the permuted average is streamed with
+* ``weight_matching`` / ``activation_matching``: the models are rebuilt (zoo spec or Hugging Face config, on the
+  meta device, then given the read tensors) and aligned in memory — what the solver needs — then released, and the permuted average is streamed with
   :func:`~mergelab.merge.alignment.merge_tensor`.
 
 Which floating tensors are statistics (BatchNorm running mean/var: averaged, not task vectors) comes from the
