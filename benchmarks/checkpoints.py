@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +291,11 @@ def main() -> None:
         default=256,
         help="run the in-memory global TIES (about 20× one model in RAM) only up to this input size",
     )
+    p.add_argument(
+        "--aligned-modes",
+        default="memory,streamed",
+        help="which aligned runs: memory (load + mergelab.merge + save) and/or streamed (merge_checkpoints)",
+    )
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--base", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -372,7 +378,7 @@ def main() -> None:
         if args.aligned:
             for p_ in paths.values():
                 p_.unlink()
-            run_aligned(folder, args.size_mib)
+            run_aligned(folder, args.size_mib, args.aligned_modes.split(","))
 
 
 def _rmtree(path: Path) -> None:
@@ -382,7 +388,7 @@ def _rmtree(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ aligned
-def run_aligned(folder: Path, size_mib: int) -> None:
+def run_aligned(folder: Path, size_mib: int, modes: Sequence[str] = ("memory", "streamed")) -> None:
     """Weight matching of two zoo MLPs of about ``size_mib`` each: in memory (today) vs streamed apply."""
     import torch
 
@@ -401,7 +407,7 @@ def run_aligned(folder: Path, size_mib: int) -> None:
     print(
         f"# weight matching: two zoo MLPs (width {width}, depth {depth}), {model_bytes / 2**20:.0f} MiB each"
     )
-    for mode in ("memory", "streamed"):
+    for mode in modes:
         out = folder / f"wm-{mode}"
         cmd = [sys.executable, __file__, "--worker", "aligned", mode, str(out), *map(str, paths)]
         env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

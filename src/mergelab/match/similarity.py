@@ -107,9 +107,10 @@ class WeightSimilarity:
                 got = tuple(params_b[k].shape) if k in params_b else "missing"
                 raise ValueError(f"weight similarity: {k!r} {tuple(v.shape)} in model a vs {got} in model b")
         self.axes = _param_axes(structure, params_a)
-        self._a_rows: dict[tuple[str, int], Tensor] = {}
-        # key → (other groups' permutations used, B rows used, term)
-        self._terms: dict[tuple[str, int], tuple[list[Tensor], Tensor, Tensor]] = {}
+        # key → (other groups' permutations used, term). Only the (n × n) terms are kept: the B rows a term was
+        # computed from are rebuilt from those permutations when needed, and A's rows are sliced on demand, so
+        # the cache costs O(Σ n²), not two more copies of each model.
+        self._terms: dict[tuple[str, int], tuple[list[tuple[Axis, Tensor]], Tensor]] = {}
 
     def dependencies(self, group: str) -> set[str]:
         """Groups whose permutation changes ``group``'s similarity (they share a tensor with it)."""
@@ -158,31 +159,40 @@ class WeightSimilarity:
     def _term(self, g: Group, i: int, axis: Axis, perms: Mapping[str, Tensor]) -> Tensor:
         """``A @ Bᵀ`` for one axis; after a permutation change, only the changed columns are recomputed."""
         key = (g.name, i)
-        if key not in self._a_rows:
-            self._a_rows[key] = unit_matrix(self.params_a[axis.param], axis, g.size).contiguous()
-        a_rows = self._a_rows[key]  # (n, R)
         others = [
-            (a2, perms[h.name]) for h, a2 in self.axes[axis.param] if not (h.name == g.name and a2 == axis)
+            (a2, perms[h.name].clone())  # callers may reuse their tensors
+            for h, a2 in self.axes[axis.param]
+            if not (h.name == g.name and a2 == axis)
         ]
-        used = [p.clone() for _, p in others]  # callers may reuse their tensors
         cached = self._terms.get(key)
-        if cached is not None and all(torch.equal(p, q) for p, q in zip(used, cached[0], strict=True)):
-            return cached[2]  # no other permutation on this tensor moved
-        b_rows = unit_matrix(permute_tensor(self.params_b[axis.param], others), axis, g.size)  # (n, R)
+        if cached is not None and all(
+            torch.equal(p, q) for (_, p), (_, q) in zip(others, cached[0], strict=True)
+        ):
+            return cached[1]  # no other permutation on this tensor moved
+        w_b = self.params_b[axis.param]
+        b_rows = unit_matrix(permute_tensor(w_b, others), axis, g.size)  # (n, R)
+        a_rows = unit_matrix(self.params_a[axis.param], axis, g.size).contiguous()  # (n, R); a view on dim 0
+        if not others:
+            # No other group permutes this tensor (a bias, a norm's affine, the model's fixed input/output side):
+            # the term never changes, and recomputing it gives the same bits as a cached copy, whose n² floats
+            # would often outweigh the tensor itself.
+            return a_rows @ b_rows.T
         if cached is not None:
-            _, b_old, term = cached
+            used, term = cached
+            b_old = unit_matrix(permute_tensor(w_b, used), axis, g.size)  # the rows ``term`` was made from
             changed = (b_rows != b_old).any(0).nonzero().flatten()
             if changed.numel() == 0:
-                self._terms[key] = (used, b_old, term)
+                self._terms[key] = (others, term)
                 return term
             if changed.numel() < b_rows.shape[1] // 2:
                 # Low-rank update: a permutation that moved few units changes few columns of B.
                 delta = b_rows.index_select(1, changed) - b_old.index_select(1, changed)
                 term = term + a_rows.index_select(1, changed) @ delta.T
-                self._terms[key] = (used, b_rows, term)
+                self._terms[key] = (others, term)
                 return term
+            del b_old
         term = a_rows @ b_rows.T  # (n, n)
-        self._terms[key] = (used, b_rows, term)
+        self._terms[key] = (others, term)
         return term
 
 

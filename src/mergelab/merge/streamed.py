@@ -12,8 +12,8 @@ Each method runs the same per-tensor kernel as its in-memory version, so the res
 * ``task_arithmetic``, ``ties``, ``dare``: :func:`~mergelab.merge.task_vectors.merge_task_vector_tensor` (TIES
   with ``trim="global"`` first finds each model's threshold over its whole task vector in two extra streaming
   passes: a histogram of the magnitudes' top 16 bits, then an exact selection inside one bin);
-* ``weight_matching`` / ``activation_matching``: the models are rebuilt (zoo spec or Hugging Face config) and
-  aligned in memory — what the solver needs — then released, and the permuted average is streamed with
+* ``weight_matching`` / ``activation_matching``: the models are rebuilt (zoo spec or Hugging Face config, on the
+  meta device, then given the read tensors) and aligned in memory — what the solver needs — then released, and the permuted average is streamed with
   :func:`~mergelab.merge.alignment.merge_tensor`.
 
 Which floating tensors are statistics (BatchNorm running mean/var: averaged, not task vectors) comes from the
@@ -255,8 +255,7 @@ def _build_module(src: CheckpointSource, op: str) -> tuple[nn.Module, Any]:
     if spec is not None:
         from mergelab.models import build_from_spec
 
-        model = build_from_spec(spec)
-        model.load_state_dict(src.state_dict())
+        model = _with_weights(lambda: build_from_spec(spec), src.state_dict(), strict=True)
         return model.eval(), torch.zeros(2, *spec["input_shape"])
     cfg = src.config or {}
     if "model_type" in cfg and src.kind != "file":
@@ -267,18 +266,53 @@ def _build_module(src: CheckpointSource, op: str) -> tuple[nn.Module, Any]:
             config.use_cache = False
         archs = getattr(config, "architectures", None) or []
         cls = getattr(transformers, archs[0], None) if archs else None
-        model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
-        result = model.load_state_dict(src.state_dict(), strict=False)
-        if result.unexpected_keys:
-            raise ValueError(
-                f"{op}: {src.path} holds {result.unexpected_keys[0]!r}, which {type(model).__name__} does not have"
+        state = src.state_dict()
+        try:
+            model = _with_weights(
+                lambda: cls(config) if cls is not None else transformers.AutoModel.from_config(config),
+                state,
+                strict=False,
             )
+        except _UnexpectedKey as e:
+            raise ValueError(f"{op}: {src.path} holds {e.key!r}, which {e.owner} does not have") from None
+        del state
         model.tie_weights()
         return model.eval(), {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
     raise ValueError(
         f"{op}: cannot rebuild the model of {src.path} to align it; give a mergelab run folder or a Hugging Face "
         f"folder with its {CONFIG}"
     )
+
+
+class _UnexpectedKey(Exception):
+    def __init__(self, key: str, owner: str) -> None:
+        self.key, self.owner = key, owner
+
+
+def _with_weights(build: Callable[[], nn.Module], state: dict[str, Tensor], *, strict: bool) -> nn.Module:
+    """``build()`` holding the tensors of ``state`` themselves, not copies of them.
+
+    The model is built on the meta device and the read tensors are assigned to it, so rebuilding costs one copy
+    of the weights, not two (a randomly initialised model plus the read state dict). When that cannot give a
+    complete model of the usual dtypes (a tensor the checkpoint lacks, e.g. a non-persistent buffer or a tied
+    weight that is not tied on load; a dtype the model would cast), it is built for real and loaded by copy.
+    """
+    with torch.device("meta"):
+        model = build()
+    expected = {k: v.dtype for k, v in model.state_dict().items()}
+    same_dtypes = all(k not in expected or expected[k] == v.dtype for k, v in state.items())
+    if same_dtypes:
+        result = model.load_state_dict(state, strict=strict, assign=True)
+        if result.unexpected_keys:
+            raise _UnexpectedKey(result.unexpected_keys[0], type(model).__name__)
+        complete = not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+        if complete:
+            return model
+    model = build()
+    result = model.load_state_dict(state, strict=strict)
+    if result.unexpected_keys:
+        raise _UnexpectedKey(result.unexpected_keys[0], type(model).__name__)
+    return model
 
 
 def _statistic_names(src: CheckpointSource, keys: list[str]) -> set[str]:
