@@ -66,7 +66,7 @@ class FeaturesConfig:
 
     datasets: tuple[str, ...] = ("digits",)  # add "mnist1d" for 1-D inputs (curves)
     archs: tuple[str, ...] = ("mlp", "cnn")
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5)  # consecutive pairs (A, B): (0, 1), (2, 3), (4, 5)
+    seeds: tuple[int, ...] = tuple(range(10))  # consecutive pairs (A, B): (0, 1), (2, 3), …, (8, 9)
     model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per arch, over the defaults
     layers: dict[str, Any] = field(
         default_factory=dict
@@ -143,6 +143,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     from mergelab.train import TrainConfig, train
 
     torch.set_num_threads(job["threads"])
+    cpu0 = time.process_time()
     device = resolve_device(job["device"])
     data = _load(job["dataset"], job["samples"], job["data_root"])
     torch.manual_seed(job["seed"])
@@ -156,7 +157,10 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     )
     train(model, to_device(data.train, device), cfg)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
-    return {k: job[k] for k in ("dataset", "arch", "seed")} | {"state_dict": state}
+    return {k: job[k] for k in ("dataset", "arch", "seed")} | {
+        "state_dict": state,
+        "cpu_s": time.process_time() - cpu0,
+    }
 
 
 def _corr_matrix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -371,6 +375,7 @@ def features(cfg: FeaturesConfig, out: Path, executor: Executor) -> Report:
     ]
     trained = executor.map(train_job, train_jobs, desc="train")
     states = {(r["dataset"], r["arch"], r["seed"]): r["state_dict"] for r in trained}
+    trained = [{k: v for k, v in r.items() if k != "state_dict"} for r in trained]
     analysis_jobs = [
         common
         | {
@@ -485,14 +490,18 @@ def features(cfg: FeaturesConfig, out: Path, executor: Executor) -> Report:
                 report.figure(path, f"{r['arch']} on {r['dataset']}, `{lay['layer']}`: {what}")
     _summary_plot(report, groups, out, plt)
 
-    cpu_jobs = sum(r["cpu_s"] for r in results)
+    cpu_train = sum(r["cpu_s"] for r in trained)
+    cpu_analysis = sum(r["cpu_s"] for r in results)
+    cpu_main = time.process_time() - cpu0
     report.heading("Run")
     report.text(
         f"{len(train_jobs)} training jobs and {len(analysis_jobs)} analysis jobs on the `{executor.backend}` "
         f"backend; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
-        f"wall time {time.perf_counter() - t0:.0f} s; CPU time of this process "
-        f"{time.process_time() - cpu0:.0f} s (analysis jobs: {cpu_jobs:.0f} s)."
+        f"wall time {time.perf_counter() - t0:.0f} s. CPU time {cpu_main + cpu_train + cpu_analysis:.0f} s "
+        f"(training jobs {cpu_train:.0f} s, analysis jobs {cpu_analysis:.0f} s, this process {cpu_main:.0f} s; "
+        "job times are each job's own process CPU time, so they also count when the jobs run in workers)."
     )
+    report.metrics["cpu_s"] = {"train": cpu_train, "analysis": cpu_analysis, "main": cpu_main}
     report.metrics["rows"] = rows
     report.metrics["layer_rows"] = layer_rows
     report.metrics["results"] = [
