@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from mergelab.analysis.feature_vis import (
     unit_correlation,
     visual_similarity,
 )
+from mergelab.experiments.features import dominance, unit_stats
 from mergelab.experiments.runner import run_study
 from mergelab.models import build_model
 
@@ -261,6 +263,23 @@ def test_compare_units_rows_and_figure(tmp_path: Path) -> None:
 # -- study ---------------------------------------------------------------------------------------------------
 
 
+def test_unit_stats_null_and_dominance() -> None:
+    """Matched rows score above the unmatched null; a merged unit that copies one parent is dominated and has
+    no excess on the other side; the null is the mean over j ≠ i."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 40)), rng.normal(size=(5, 40))
+    mix = unit_stats((a + b) / 2, a, b)
+    assert (mix["match_a"] > mix["null_a"]).all() and (mix["min_excess"] > 0).all()
+    copy = unit_stats(a, a, b)
+    np.testing.assert_allclose(copy["match_a"], 1.0)
+    assert (copy["min_excess"] < 0.5).all() and dominance(copy["match_a"], copy["match_b"], 0.2).all()
+    assert not dominance(mix["match_a"], mix["match_a"] - 0.1, 0.2).any()
+    c = np.corrcoef(a, b)[:5, 5:]  # rows: merged = a, columns: parent b
+    np.testing.assert_allclose(unit_stats(a, b, b)["null_a"], (c.sum(1) - np.diag(c)) / 4, atol=1e-12)
+    with pytest.raises(ValueError, match="at least 2 units"):
+        unit_stats(a[:1], a[:1], b[:1])
+
+
 def test_features_study_tiny(tmp_path: Path) -> None:
     report = run_study(
         "features",
@@ -268,6 +287,7 @@ def test_features_study_tiny(tmp_path: Path) -> None:
         overrides=[
             'archs=["mlp"]',
             'model_kwargs={"mlp": {"width": 16, "depth": 2}}',
+            "seeds=[0, 1, 2, 3]",
             "epochs=2",
             "steps=10",
             "scored_units=6",
@@ -277,22 +297,39 @@ def test_features_study_tiny(tmp_path: Path) -> None:
         progress=False,
     )
     text = report.read_text()
-    assert "A↔merge" in text and "actmax-digits-mlp.png" in text and "topk-digits-mlp.png" in text
+    body = text.split("## Claims and verdicts", 1)
+    assert len(body) == 2 and "<details>" not in body[0], "the report must open with the claims table"
+    assert "mix↔merge" not in text and "A↔merge" in text
+    assert "actmax-digits-mlp-layers.2.png" in text and "topk-digits-mlp-layers.0.png" in text
     metrics = json.loads((tmp_path / "fv" / "metrics.json").read_text())["metrics"]
-    assert {(r["view"], r["merge"]) for r in metrics["rows"]} == {
-        (v, m) for v in ("actmax", "topk") for m in ("aligned", "naive")
+    claims = metrics["claims"]
+    assert len(claims) == 7 and all(c["interval"]["n"] == 2 for c in claims)
+    assert {c["verdict"] for c in claims} <= {"supported", "not supported", "inconclusive"}
+    assert {(r["layer"], r["view"], r["merge"]) for r in metrics["rows"]} == {
+        (layer, v, m)
+        for layer in ("layers.0", "layers.2")
+        for v in ("actmax", "topk")
+        for m in ("aligned", "naive")
     }
-    assert len(list((tmp_path / "fv").glob("*.png"))) == 3
+    assert len(metrics["results"]) == 2 and len(metrics["layer_rows"]) == 2
+    assert len(list((tmp_path / "fv").glob("*.png"))) == 5  # 2 layers × 2 views + summary
+
+
+def test_features_config_rejects_odd_seeds() -> None:
+    from mergelab.experiments.features import FeaturesConfig
+
+    with pytest.raises(ValueError, match="even length"):
+        FeaturesConfig(seeds=(0, 1, 2))
+    assert FeaturesConfig(seeds=(4, 5, 6, 7)).pairs == [(4, 5), (6, 7)]
 
 
 @pytest.mark.slow
-def test_features_study_aligned_beats_naive(tmp_path: Path) -> None:
-    """Defaults (digits, MLP and CNN): aligned merged units resemble the endpoints more than naive ones."""
+def test_features_study_default(tmp_path: Path) -> None:
+    """Defaults (digits, MLP and CNN, 5 seed pairs, every hidden layer): the claims table is computed, and
+    aligned merged units resemble their matched parents above the unmatched null."""
     run_study("features", tmp_path / "fv", progress=False)
-    rows = json.loads((tmp_path / "fv" / "metrics.json").read_text())["metrics"]["rows"]
-    for key in {(r["dataset"], r["arch"], r["view"]) for r in rows}:
-        get = {r["merge"]: r for r in rows if (r["dataset"], r["arch"], r["view"]) == key}
-        assert get["aligned"]["A↔merge"] > get["naive"]["A↔merge"], key
-        assert get["aligned"]["mix↔merge"] > get["naive"]["mix↔merge"], key
-        assert get["aligned"]["A↔B"] > get["naive"]["A↔B"], key
-    assert len(list((tmp_path / "fv").glob("*.png"))) == 5
+    metrics = json.loads((tmp_path / "fv" / "metrics.json").read_text())["metrics"]
+    claims = metrics["claims"]
+    assert all(c["interval"]["n"] == 5 for c in claims)
+    first = [c for c in claims if c["claim"].startswith("Aligned merged units resemble their matched")]
+    assert first and all(c["interval"]["mean"] > 0 for c in first)

@@ -899,8 +899,9 @@ def similarity_rows(
 
     * ``A↔merge``, ``B↔merge``: the merged unit vs each endpoint's unit (``B'`` for the aligned merge, ``B``
       for the naive one);
-    * ``mix↔merge``: the merged unit vs the mean of the two (standardised) endpoint pictures — high when the
-      merged unit looks like a blend of its parents;
+    * ``mix↔merge``: the merged unit vs the mean of the two (standardised) endpoint pictures. Not an independent
+      test: r(x, a+b) = (r_xa + r_xb) / √(2(1 + r_ab)) fixes it from the other columns (the ``features`` study
+      drops it and tests against an unmatched-unit null instead);
     * ``A↔B``: the two endpoint units averaged into the merged one (how much there was to preserve);
     * ``A↔A (other unit)``: unit ``i`` vs unit ``i-1`` of A, the floor that any two units of the layer reach.
 

@@ -1,16 +1,19 @@
 """Study ``features``: do the units of a permutation-aligned merge look like the units they were averaged from?
 
 After Zou, Nanfack, Horoi, Belilovsky, "Understanding Permutation Based Model Merging with Feature
-Visualizations" (2024). Per dataset and architecture, two models are trained from different seeds (one job
-each), B is aligned to A by weight matching (Git Re-Basin), and unit ``i`` of one hidden layer is visualised in
-A, in the aligned B', in their average ("merged"), in the unaligned B and in the naive average A+B. Two pictures
-per unit: activation maximisation (an optimised input) and the mean of the top-k training inputs. Pictures are
-compared by Pearson correlation (:func:`mergelab.analysis.feature_vis.similarity_rows`); matched units are also
-compared by the correlation of their activations on test data.
+Visualizations" (2024). Per dataset and architecture, several seed pairs of models are trained (one job per
+model); in each pair B is aligned to A by weight matching (Git Re-Basin), and units of several hidden layers are
+visualised in A, in the aligned B', in their average ("merged"), in the unaligned B and in the naive average
+A+B. Two pictures per unit (activation maximisation, mean of the top-k training inputs) plus the unit's
+activations on test data.
 
-Expected: aligned merging keeps each unit's picture close to both endpoints' (and to their blend), naive
-averaging much less so — the merged unit is then an average of two unrelated detectors, read through a layer
-below that is itself scrambled.
+The claims are tested per seed pair and summarised by a seed-level interval (:mod:`mergelab.analysis.verdict`):
+
+* the merged unit resembles its *matched* parents more than a null of unmatched parent units (all j ≠ i);
+* it resembles *both* parents (the less similar parent is still above that null);
+* per unit, resemblance grows with the matching correlation of the unit pair;
+* the share of merged units *dominated* by one parent (activation correlation with one parent exceeds that with
+  the other by at least ``dominance_margin``) is higher among weakly matched pairs.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from mergelab.analysis.verdict import Claim, claim, paired_interval
 from mergelab.experiments._study import (
     apply_preset,
     check_data_root,
@@ -45,28 +50,34 @@ DEFAULT_MODEL_KWARGS: dict[str, dict[str, Any]] = {
     "mlp": {"width": 128, "depth": 2},
     "cnn": {"width": 32, "depth": 3},
 }
-# The second hidden layer's pre-activation (the Linear / conv module): deep enough that its units are not
-# just first-layer weight templates, and a pre-activation never has a dead gradient (ReLU is monotone, so it
-# finds the same pattern as the post-ReLU unit).
-DEFAULT_LAYERS: dict[str, str] = {"mlp": "layers.2", "cnn": "blocks.2"}
+# Every hidden layer's pre-activation (the Linear / conv modules): a pre-activation never has a dead gradient
+# (ReLU is monotone, so it finds the same pattern as the post-ReLU unit). The first layer is a weight template
+# and its merged pre-activation is exactly the mean of the parents' (linear in the weights); deeper layers are not.
+DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
+    "mlp": ("layers.0", "layers.2"),
+    "cnn": ("blocks.0", "blocks.2", "blocks.4"),
+}
 COLUMNS = ("A", "B'", "merged", "B", "naive")
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
-    """Settings of the ``features`` study; the defaults run in about a minute on 2 CPU cores."""
+    """Settings of the ``features`` study; see docs/feature_vis.md for the default run's CPU time."""
 
     datasets: tuple[str, ...] = ("digits",)  # add "mnist1d" for 1-D inputs (curves)
     archs: tuple[str, ...] = ("mlp", "cnn")
-    seeds: tuple[int, ...] = (0, 1)  # A and B
+    seeds: tuple[int, ...] = tuple(range(10))  # consecutive pairs (A, B): (0, 1), (2, 3), …, (8, 9)
     model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per arch, over the defaults
-    layers: dict[str, str] = field(default_factory=dict)  # per arch: module (or group) to visualise
+    layers: dict[str, Any] = field(
+        default_factory=dict
+    )  # per arch: module (or group) name, or a list of them
     epochs: int = 20
     lr: float = 3e-3
     batch_size: int = 128
     method: str = "weight_matching"  # or "activation_matching"
     scored_units: int = 32  # units 0..n-1 enter the table (the unit order is arbitrary: an unbiased sample)
-    drawn_units: int = 6  # the first ones are drawn
+    drawn_units: int = 6  # the first ones are drawn (first seed pair only)
+    dominance_margin: float = 0.2  # a merged unit is dominated when r(M, P1) − r(M, P2) ≥ this (activations)
     steps: int = 200  # act-max Adam steps
     actmax_lr: float = 0.05
     l2: float = 2.0  # strong enough that images are graded, not saturated at the range's ends
@@ -83,8 +94,10 @@ class FeaturesConfig:
     data_root: str = ""  # folder of a local dataset (cifar10 / cifar100 / mnist)
 
     def __post_init__(self) -> None:
-        if len(self.seeds) != 2:
-            raise ValueError(f"FeaturesConfig: seeds must name two models (A, B), got {self.seeds}")
+        if len(self.seeds) < 2 or len(self.seeds) % 2 or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(
+                f"FeaturesConfig: seeds must be distinct and of even length (pairs A, B), got {self.seeds}"
+            )
         bad = [a for a in self.archs if a not in DEFAULT_LAYERS and a not in self.layers]
         if bad:
             raise ValueError(
@@ -94,14 +107,19 @@ class FeaturesConfig:
             raise ValueError(
                 f"FeaturesConfig: method {self.method!r}; choose weight_matching or activation_matching"
             )
-        if self.scored_units < 1 or self.drawn_units < 1:
-            raise ValueError("FeaturesConfig: scored_units and drawn_units must be >= 1")
+        if self.scored_units < 3 or self.drawn_units < 1:
+            raise ValueError("FeaturesConfig: scored_units must be >= 3 (for the null) and drawn_units >= 1")
 
     def arch_kwargs(self, arch: str) -> dict[str, Any]:
         return {**DEFAULT_MODEL_KWARGS.get(arch, {}), **dict(self.model_kwargs.get(arch, {}))}
 
-    def layer(self, arch: str) -> str:
-        return self.layers.get(arch, DEFAULT_LAYERS.get(arch, ""))
+    def layer_names(self, arch: str) -> tuple[str, ...]:
+        given = self.layers.get(arch, DEFAULT_LAYERS.get(arch, ()))
+        return (given,) if isinstance(given, str) else tuple(given)
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(self.seeds[i], self.seeds[i + 1]) for i in range(0, len(self.seeds), 2)]
 
 
 # Zou et al. visualise units of CIFAR-10 CNNs: a wider 4-block CNN trained longer.
@@ -125,6 +143,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     from mergelab.train import TrainConfig, train
 
     torch.set_num_threads(job["threads"])
+    cpu0 = time.process_time()
     device = resolve_device(job["device"])
     data = _load(job["dataset"], job["samples"], job["data_root"])
     torch.manual_seed(job["seed"])
@@ -138,11 +157,67 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     )
     train(model, to_device(data.train, device), cfg)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
-    return {k: job[k] for k in ("dataset", "arch", "seed")} | {"state_dict": state}
+    return {k: job[k] for k in ("dataset", "arch", "seed")} | {
+        "state_dict": state,
+        "cpu_s": time.process_time() - cpu0,
+    }
+
+
+def _corr_matrix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson correlation of every row of ``x`` with every row of ``y`` (rows: units, columns: samples or
+    pixels) → ``(U, U)``; entry ``[i, j]`` compares unit i of x with unit j of y."""
+    a = x - x.mean(1, keepdims=True)
+    b = y - y.mean(1, keepdims=True)
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return a @ b.T
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy import stats
+
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return 0.0
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def unit_stats(merged: np.ndarray, parent_a: np.ndarray, parent_b: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-unit similarity of merged units to their matched parents, and the unmatched null.
+
+    Args:
+        merged, parent_a, parent_b: ``(U, D)`` — one row per unit (a flattened picture, or activations over
+            the same test inputs); row i of the three are the merged unit and its two matched parents.
+
+    Returns:
+        ``match_a``/``match_b``: r(merged_i, A_i), r(merged_i, B_i); ``null_a``/``null_b``: the mean over j ≠ i of
+        r(merged_i, A_j) (B_j), the similarity a merged unit has to a *random, unmatched* parent unit;
+        ``excess``: mean of the two matched minus the mean of the two null values; ``min_excess``: the smaller
+        of the two parents' excess (> 0 means both parents are recognisable in the merged unit). All ``(U,)``.
+    """
+    n = merged.shape[0]
+    if n < 2:
+        raise ValueError(f"unit_stats: need at least 2 units for the unmatched null, got {n}")
+    out: dict[str, np.ndarray] = {}
+    for side, parent in (("a", parent_a), ("b", parent_b)):
+        c = _corr_matrix(merged.astype(np.float64), parent.astype(np.float64))
+        diag = np.diag(c).copy()
+        out[f"match_{side}"] = diag
+        out[f"null_{side}"] = (c.sum(1) - diag) / (n - 1)
+    ex_a, ex_b = out["match_a"] - out["null_a"], out["match_b"] - out["null_b"]
+    out["excess"] = (ex_a + ex_b) / 2
+    out["min_excess"] = np.minimum(ex_a, ex_b)
+    return out
+
+
+def dominance(match_a: np.ndarray, match_b: np.ndarray, margin: float) -> np.ndarray:
+    """Boolean ``(U,)``: merged unit i is *dominated by one parent* when its activation correlation with one
+    parent exceeds that with the other by at least ``margin`` (|r(M_i, A_i) − r(M_i, B_i)| ≥ margin)."""
+    return np.abs(match_a - match_b) >= margin
 
 
 def analysis_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Align, merge, visualise and score one (dataset, arch) pair of models (top-level for Ray)."""
+    """Align, merge, visualise and score one seed pair of one (dataset, arch), over its layers (top-level for
+    Ray)."""
     from torch.utils.data import DataLoader
 
     from mergelab.analysis.feature_vis import (
@@ -151,13 +226,13 @@ def analysis_job(job: dict[str, Any]) -> dict[str, Any]:
         endpoint_models,
         select_units,
         similarity_rows,
-        unit_correlation,
+        unit_activations,
     )
     from mergelab.evaluation import evaluate
     from mergelab.models import build_model
 
     torch.set_num_threads(job["threads"])
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     data = _load(job["dataset"], job["samples"], job["data_root"])
     a, b = (build_model(job["arch"], data.input_shape, data.num_classes, **job["kwargs"]) for _ in range(2))
     a.load_state_dict(job["states"][0])
@@ -171,8 +246,11 @@ def analysis_job(job: dict[str, Any]) -> dict[str, Any]:
         data=train_loader,
         example_input=data.train.tensors[0][:2],
     )
+    for m in models.values():
+        m.eval()
     accuracy = {name: evaluate(m, test_loader).accuracy for name, m in models.items()}
     x = data.train.tensors[0]
+    x_test = data.test.tensors[0]
     cfg = ActMaxConfig(
         steps=job["steps"],
         lr=job["actmax_lr"],
@@ -183,39 +261,89 @@ def analysis_job(job: dict[str, Any]) -> dict[str, Any]:
         value_range=(float(x.min()), float(x.max())) if job["clamp_to_data"] else None,
         seed=job["actmax_seed"],
     )
-    size = select_units(a, job["layer"], input_shape=data.input_shape).size
-    units = list(range(min(job["scored_units"], size)))
-    comparison = compare_units(
-        {k: models[k] for k in COLUMNS}, job["layer"], units, data=train_loader, config=cfg, k=job["top_k"]
-    )
-    sel = {n: select_units(m, job["layer"], units, input_shape=data.input_shape) for n, m in models.items()}
-    act_corr = {}
-    for merge, bname, mname in (("aligned", "B'", "merged"), ("naive", "B", "naive")):
-        act_corr[merge] = {
-            "A↔merge": unit_correlation(a, sel["A"], models[mname], sel[mname], test_loader).mean().item(),
-            "B↔merge": unit_correlation(models[bname], sel[bname], models[mname], sel[mname], test_loader)
-            .mean()
-            .item(),
-            "A↔B": unit_correlation(a, sel["A"], models[bname], sel[bname], test_loader).mean().item(),
+    layers = []
+    for layer in job["layers"]:
+        size = select_units(a, layer, input_shape=data.input_shape).size
+        units = list(range(min(job["scored_units"], size)))
+        comparison = compare_units(
+            {k: models[k] for k in COLUMNS}, layer, units, data=train_loader, config=cfg, k=job["top_k"]
+        )
+        rows = [{k: v for k, v in r.items() if k != "mix↔merge"} for r in similarity_rows(comparison)]
+        with torch.no_grad():
+            acts = {
+                n: unit_activations(m, select_units(m, layer, units, input_shape=data.input_shape), x_test)
+                .T.double()
+                .numpy()
+                for n, m in models.items()
+            }  # name → (U, N_test)
+        views: dict[str, dict[str, np.ndarray]] = {
+            "actmax": {k: v.flatten(1).double().numpy() for k, v in comparison.pictures("actmax").items()},
+            "topk": {
+                k: v.flatten(1).double().numpy()
+                for k, v in comparison.pictures("topk", centered=True).items()
+            },
+            "activation": acts,
         }
-    gain = {n: (r.activations - r.initial_activations).mean().item() for n, r in comparison.actmax.items()}
+        # The matching correlation of each unit pair: activations of A_i and B'_i on test data.
+        r_match = np.diag(_corr_matrix(acts["A"], acts["B'"]))
+        stats: dict[str, dict[str, dict[str, list[float]]]] = {}
+        for view, pics in views.items():
+            stats[view] = {}
+            for merge, bname, mname in (("aligned", "B'", "merged"), ("naive", "B", "naive")):
+                st = unit_stats(pics[mname], pics["A"], pics[bname])
+                stats[view][merge] = {k: v.tolist() for k, v in st.items()}
+        dom = dominance(
+            np.asarray(stats["activation"]["aligned"]["match_a"]),
+            np.asarray(stats["activation"]["aligned"]["match_b"]),
+            job["dominance_margin"],
+        )
+        weak = r_match < np.median(r_match)
+        layers.append(
+            {
+                "layer": comparison.module,
+                "layer_size": size,
+                "rows": rows,
+                "r_match": r_match.tolist(),
+                "stats": stats,
+                "dominated": dom.tolist(),
+                "dominated_share": float(dom.mean()),
+                "dominated_weak_minus_strong": float(dom[weak].mean() - dom[~weak].mean())
+                if weak.any() and (~weak).any()
+                else 0.0,
+                "spearman": {
+                    view: _spearman(
+                        r_match,
+                        (
+                            np.asarray(stats[view]["aligned"]["match_a"])
+                            + np.asarray(stats[view]["aligned"]["match_b"])
+                        )
+                        / 2,
+                    )
+                    for view in ("actmax", "topk")
+                },
+                "comparison": comparison if job["keep_pictures"] else None,
+            }
+        )
     return {
         "dataset": job["dataset"],
         "arch": job["arch"],
-        "layer": comparison.module,
-        "layer_size": size,
+        "pair": job["pair"],
         "accuracy": accuracy,
-        "rows": similarity_rows(comparison),
-        "activation_correlation": act_corr,
-        "actmax_gain": gain,
-        "comparison": comparison,
+        "layers": layers,
         "seconds": time.perf_counter() - start,
+        "cpu_s": time.process_time() - cpu0,
     }
+
+
+def _pair_mean(r: dict[str, Any], view: str, merge: str, key: str) -> float:
+    """One seed pair's value: the mean over units, then over layers (each layer weighs the same)."""
+    return float(np.mean([np.mean(lay["stats"][view][merge][key]) for lay in r["layers"]]))
 
 
 @register_study("features", FeaturesConfig)
 def features(cfg: FeaturesConfig, out: Path, executor: Executor) -> Report:
-    """Feature visualization of endpoint vs merged units (act-max and top-k), aligned vs naive merging."""
+    """Feature visualization of endpoint vs merged units over layers and seed pairs, with claims tested
+    against an unmatched-unit null."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,7 +354,7 @@ def features(cfg: FeaturesConfig, out: Path, executor: Executor) -> Report:
     cfg = apply_preset(cfg, PRESETS, "features")
     check_data_root("features", cfg.datasets, cfg.data_root)
     resolve_device(cfg.device)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     report = Report(out, "Feature visualization: endpoint vs merged units", config=dataclasses.asdict(cfg))
     common = {"samples": cfg.mnist1d_samples, "threads": cfg.torch_threads, "device": cfg.device,
               "data_root": cfg.data_root}  # fmt: skip
@@ -247,14 +375,16 @@ def features(cfg: FeaturesConfig, out: Path, executor: Executor) -> Report:
     ]
     trained = executor.map(train_job, train_jobs, desc="train")
     states = {(r["dataset"], r["arch"], r["seed"]): r["state_dict"] for r in trained}
+    trained = [{k: v for k, v in r.items() if k != "state_dict"} for r in trained]
     analysis_jobs = [
         common
         | {
             "dataset": d,
             "arch": a,
+            "pair": list(pair),
             "kwargs": cfg.arch_kwargs(a),
-            "states": [states[(d, a, s)] for s in cfg.seeds],
-            "layer": cfg.layer(a),
+            "states": [states[(d, a, s)] for s in pair],
+            "layers": list(cfg.layer_names(a)),
             "method": cfg.method,
             "scored_units": cfg.scored_units,
             "steps": cfg.steps,
@@ -266,147 +396,244 @@ def features(cfg: FeaturesConfig, out: Path, executor: Executor) -> Report:
             "clamp_to_data": cfg.clamp_to_data,
             "top_k": cfg.top_k,
             "actmax_seed": cfg.actmax_seed,
+            "dominance_margin": cfg.dominance_margin,
+            "keep_pictures": k == 0,
         }
         for d in cfg.datasets
         for a in cfg.archs
+        for k, pair in enumerate(cfg.pairs)
     ]
     results = executor.map(analysis_job, analysis_jobs, desc="visualise")
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["dataset"], r["arch"]), []).append(r)
+    for rs in groups.values():
+        rs.sort(key=lambda r: r["pair"])
+    n_pairs = len(cfg.pairs)
 
+    report.claims(
+        _claims(groups, cfg),
+        "One value per seed pair (the mean over the scored units of every visualised layer), and a 95 % "
+        f"Student-t interval over the {n_pairs} pairs; *supported* means the whole interval lies on the claimed "
+        "side. The **null** is the similarity of a merged unit to *unmatched* parent units: for merged unit i, the "
+        "mean over j ≠ i of r(merged_i, A_j) (and of B′_j) — what any unit of the parent layer reaches. Unlike a "
+        "comparison with the blend of the parents (fixed by the other correlations: r(x, a+b) = (r_xa + r_xb) / "
+        "√(2(1 + r_ab))), this comparison can fail. Zou et al. report their findings qualitatively (pictures), "
+        "so the paper column has no numbers.",
+    )
     report.text(
-        "Two networks of one architecture are trained from different seeds (A and B). B is re-expressed in A's "
-        f"unit basis by **{cfg.method}** (Git Re-Basin), giving B', which computes exactly the same function "
-        "as B. **merged** is the average of A and B' (the aligned merge); **naive** is the average of A and B "
-        "without alignment (the control). Unit *i* of one hidden layer is then visualised in all five models.\n\n"
-        "Two pictures per unit. **Activation maximisation**: an input optimised with Adam (from the same seeded "
-        "noise for every model) to make the unit's activation as large as possible, regularised by an L2 and a "
-        "total-variation penalty, random jitter and a 1/f Fourier parameterisation, and kept in the data's "
-        "value range. **Top-k mean**: the mean of the training inputs that activate the unit most. Pictures "
-        "are compared by Pearson correlation (top-k means after subtracting the mean training input, so "
-        "that the shared 'average digit' does not count as similarity).\n\n"
-        "How to read the table: **A↔merge** and **B↔merge** say how much the merged unit still looks like each "
-        "endpoint's unit (B' for the aligned merge, B for the naive one); **mix↔merge** compares it with the "
-        "blend of the two endpoint pictures — the paper's question is whether a merged unit looks like such a "
-        "mix; **A↔B** is how similar the two units averaged into it already were (high after alignment, near "
-        "the floor without); **A↔A (other unit)** is that floor: two different units of A. Values are means "
-        f"over units 0–{cfg.scored_units - 1} of the layer (the unit order of A is arbitrary, so this is an "
-        "unbiased sample)."
+        "Two networks of one architecture are trained from different seeds (A and B), for each of "
+        f"{n_pairs} seed pairs. B is re-expressed in A's unit basis by **{cfg.method}** (Git Re-Basin), giving "
+        "B', which computes exactly the same function as B. **merged** is the average of A and B' (the aligned "
+        "merge); **naive** is the average of A and B without alignment (the control). Units "
+        f"0–{cfg.scored_units - 1} of every listed layer (the unit order of A is arbitrary, so this is an "
+        "unbiased sample) are then compared in three views: **act-max** (an input optimised from the same seeded "
+        "noise for every model, L2 + total-variation penalties, jitter, 1/f Fourier parameterisation, kept in "
+        "the data's range), **top-k** (the mean of the training inputs that excite the unit most, minus the mean "
+        "training input) and **activation** (the unit's activations on the test set). Similarity is Pearson r.\n\n"
+        "The **matching correlation** of unit pair i is r(A_i, B′_i) of activations on test data. A merged unit "
+        f"is **dominated by one parent** when |r(M_i, A_i) − r(M_i, B′_i)| ≥ {cfg.dominance_margin} for "
+        "activations on test data (one parent explains it clearly better than the other)."
     )
 
-    report.heading("Accuracy of the models compared")
+    report.heading("Per layer: matched vs unmatched (null) similarity")
+    layer_rows = _layer_rows(groups)
+    report.table(layer_rows, digits=3)
+
+    report.heading("Accuracy of the models compared (mean over seed pairs)")
     report.table(
         [
-            {"dataset": r["dataset"], "arch": r["arch"], "layer": f"{r['layer']} ({r['layer_size']} units)"}
-            | {f"acc {k}": r["accuracy"][k] for k in COLUMNS}
-            for r in results
+            {"dataset": d, "arch": a, "pairs": len(rs)}
+            | {f"acc {k}": float(np.mean([r["accuracy"][k] for r in rs])) for k in COLUMNS}
+            for (d, a), rs in groups.items()
         ],
         digits=3,
     )
 
-    report.heading("Visual similarity (mean over units)")
-    rows = [{"dataset": r["dataset"], "arch": r["arch"]} | row for r in results for row in r["rows"]]
+    report.heading("Visual similarity (first seed pair, mean over units)")
+    report.text(
+        "**A↔merge** / **B↔merge**: the merged unit vs each endpoint's unit (B' for the aligned merge, B for the "
+        "naive one); **A↔B**: the two units averaged into it; **A↔A (other unit)**: unit i vs unit i−1 of A."
+    )
+    rows = [
+        {"dataset": r["dataset"], "arch": r["arch"], "layer": lay["layer"]} | row
+        for rs in groups.values()
+        for r in rs[:1]
+        for lay in r["layers"]
+        for row in lay["rows"]
+    ]
     report.table(rows, digits=3)
 
-    report.heading("Activation correlation on test data (mean over units)")
-    report.text(
-        "The same comparison without pictures: Pearson correlation, over the test set, between the activation "
-        "of unit *i* in one model and unit *i* in the other."
-    )
-    act_rows = [
-        {"dataset": r["dataset"], "arch": r["arch"], "merge": merge} | vals
-        for r in results
-        for merge, vals in r["activation_correlation"].items()
-    ]
-    report.table(act_rows, digits=3)
-
-    report.heading("Pictures")
+    report.heading("Pictures (first seed pair)")
     report.text(
         f"Rows are units 0–{cfg.drawn_units - 1}; columns are A, the aligned B', their average (merged), the "
         "unaligned B and the naive average. Under each panel, its Pearson correlation with the pictures it "
-        "derives from (B' and B with A; merged with A and B'; naive with A and B). In the aligned columns the "
-        "same unit index shows the same feature in A, B' and the merge; in the naive columns B's unit *i* is "
-        "an unrelated feature and the naive merge resembles neither endpoint clearly. Images for 8×8 digits "
+        "derives from (B' and B with A; merged with A and B'; naive with A and B). Images for 8×8 digits "
         "(grey scale, each panel scaled on its own), curves for MNIST-1D."
     )
-    for r in results:
-        tag = f"{r['dataset']}-{r['arch']}"
-        for view, what in (
-            ("actmax", "activation maximisation"),
-            ("topk", f"mean of the top-{cfg.top_k} inputs"),
-        ):
-            path = plot_comparison(
-                r["comparison"],
-                out / f"{view}-{tag}.png",
-                view=view,
-                columns=COLUMNS,
-                max_units=cfg.drawn_units,
-                title=f"{r['arch']} on {r['dataset']}, {r['layer']}: {what}",
-            )
-            report.figure(path, f"{r['arch']} on {r['dataset']}, `{r['layer']}`: {what}")
-    _summary_plot(report, rows, out, plt)
+    for rs in groups.values():
+        r = rs[0]
+        for lay in r["layers"]:
+            tag = f"{r['dataset']}-{r['arch']}-{lay['layer']}"
+            for view, what in (
+                ("actmax", "activation maximisation"),
+                ("topk", f"mean of the top-{cfg.top_k} inputs"),
+            ):
+                path = plot_comparison(
+                    lay["comparison"],
+                    out / f"{view}-{tag}.png",
+                    view=view,
+                    columns=COLUMNS,
+                    max_units=cfg.drawn_units,
+                    title=f"{r['arch']} on {r['dataset']}, {lay['layer']}: {what}",
+                )
+                report.figure(path, f"{r['arch']} on {r['dataset']}, `{lay['layer']}`: {what}")
+    _summary_plot(report, groups, out, plt)
 
+    cpu_train = sum(r["cpu_s"] for r in trained)
+    cpu_analysis = sum(r["cpu_s"] for r in results)
+    cpu_main = time.process_time() - cpu0
     report.heading("Run")
     report.text(
         f"{len(train_jobs)} training jobs and {len(analysis_jobs)} analysis jobs on the `{executor.backend}` "
         f"backend; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
-        f"wall time {time.perf_counter() - t0:.0f} s."
+        f"wall time {time.perf_counter() - t0:.0f} s. CPU time {cpu_main + cpu_train + cpu_analysis:.0f} s "
+        f"(training jobs {cpu_train:.0f} s, analysis jobs {cpu_analysis:.0f} s, this process {cpu_main:.0f} s; "
+        "job times are each job's own process CPU time, so they also count when the jobs run in workers)."
     )
+    report.metrics["cpu_s"] = {"train": cpu_train, "analysis": cpu_analysis, "main": cpu_main}
     report.metrics["rows"] = rows
-    report.metrics["activation_correlation"] = act_rows
+    report.metrics["layer_rows"] = layer_rows
     report.metrics["results"] = [
-        {k: v for k, v in r.items() if k != "comparison"}
-        | {
-            "similarity_per_unit": {
-                view: {
-                    f"{x}↔{y}": r["comparison"].similarity(x, y, view).tolist()
-                    for x, y in (
-                        ("A", "merged"),
-                        ("B'", "merged"),
-                        ("A", "B'"),
-                        ("A", "naive"),
-                        ("B", "naive"),
-                    )
-                }
-                for view in ("actmax", "topk")
-            }
-        }
+        r | {"layers": [{k: v for k, v in lay.items() if k != "comparison"} for lay in r["layers"]]}
         for r in results
     ]
     return report
 
 
-def _summary_plot(report: Report, rows: list[dict[str, Any]], out: Path, plt: Any) -> None:
-    """Bars of A↔merge and B↔merge for the aligned and the naive merge, per model and view."""
-    keys = list(dict.fromkeys((r["dataset"], r["arch"], r["view"]) for r in rows))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(keys) + 1), 3.2))
+def _claims(groups: dict[tuple[str, str], list[dict[str, Any]]], cfg: FeaturesConfig) -> list[Claim]:
+    """The study's claims per (dataset, arch), each with a verdict computed from the seed-pair interval."""
+    out: list[Claim] = []
+    paper = "Zou et al.: qualitative (pictures), no number"
+    for (d, a), rs in groups.items():
+        setting = f"{d}, {a}, layers {', '.join(lay['layer'] for lay in rs[0]['layers'])}"
+        for view, name in (("actmax", "act-max"), ("activation", "activations")):
+            out.append(claim(
+                f"Aligned merged units resemble their matched parents more than unmatched units ({name})",
+                f"r(merged_i, parents_i) − null ({name})",
+                [_pair_mean(r, view, "aligned", "excess") for r in rs], setting=setting, paper=paper,
+            ))  # fmt: skip
+        out.append(claim(
+            "Aligned merged units resemble *both* parents (the less similar one is still above the null)",
+            "min over parents of (matched − null), act-max",
+            [_pair_mean(r, "actmax", "aligned", "min_excess") for r in rs], setting=setting, paper=paper,
+        ))  # fmt: skip
+        out.append(claim(
+            "Alignment keeps merged units closer to their parents than naive averaging",
+            "(matched − null): aligned − naive, act-max",
+            [_pair_mean(r, "actmax", "aligned", "excess") for r in rs],
+            [_pair_mean(r, "actmax", "naive", "excess") for r in rs], setting=setting, paper=paper,
+        ))  # fmt: skip
+        out.append(claim(
+            "The better matched a unit pair, the more the merged unit resembles its parents",
+            "Spearman ρ over units: matching r(A_i, B′_i) vs act-max r(merged_i, parents_i)",
+            [float(np.mean([lay["spearman"]["actmax"] for lay in r["layers"]])) for r in rs],
+            setting=setting, paper=paper,
+        ))  # fmt: skip
+        out.append(claim(
+            f"Most aligned merged units are not dominated by one parent (share dominated < 0.5, "
+            f"margin {cfg.dominance_margin})",
+            "share of merged units dominated by one parent (activations)",
+            [float(np.mean([lay["dominated_share"] for lay in r["layers"]])) for r in rs],
+            direction="less", margin=0.5, setting=setting, paper=paper,
+        ))  # fmt: skip
+        out.append(claim(
+            "Weakly matched unit pairs are more often dominated by one parent",
+            "share dominated: pairs below − above the median matching r",
+            [float(np.mean([lay["dominated_weak_minus_strong"] for lay in r["layers"]])) for r in rs],
+            setting=setting, paper=paper,
+        ))  # fmt: skip
+    return out
+
+
+def _layer_rows(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (dataset, arch, layer): seed-pair means with 95 % intervals."""
+    rows = []
+    for (d, a), rs in groups.items():
+        for li, lay0 in enumerate(rs[0]["layers"]):
+            lays = [r["layers"][li] for r in rs]
+
+            def iv(values: list[float]) -> str:
+                return paired_interval(values).format(3)
+
+            def per(view: str, merge: str, key: str, lays: list[dict[str, Any]] = lays) -> list[float]:
+                return [float(np.mean(lay["stats"][view][merge][key])) for lay in lays]
+
+            def matched(view: str, merge: str) -> list[float]:
+                return list((np.array(per(view, merge, "match_a")) + per(view, merge, "match_b")) / 2)
+
+            def null(view: str, merge: str) -> list[float]:
+                return list((np.array(per(view, merge, "null_a")) + per(view, merge, "null_b")) / 2)
+
+            rows.append(
+                {
+                    "dataset": d,
+                    "arch": a,
+                    "layer": f"{lay0['layer']} ({lay0['layer_size']})",
+                    "matching r(A,B′)": iv([float(np.mean(lay["r_match"])) for lay in lays]),
+                    "act-max matched (aligned)": iv(matched("actmax", "aligned")),
+                    "act-max null (aligned)": iv(null("actmax", "aligned")),
+                    "act-max matched (naive)": iv(matched("actmax", "naive")),
+                    "activation matched (aligned)": iv(matched("activation", "aligned")),
+                    "activation null (aligned)": iv(null("activation", "aligned")),
+                    "ρ(matching, act-max sim.)": iv([lay["spearman"]["actmax"] for lay in lays]),
+                    "dominated share": iv([lay["dominated_share"] for lay in lays]),
+                }
+            )
+    return rows
+
+
+def _summary_plot(
+    report: Report, groups: dict[tuple[str, str], list[dict[str, Any]]], out: Path, plt: Any
+) -> None:
+    """Per layer: act-max similarity of merged units to matched parents vs the unmatched null, aligned and
+    naive; one dot per seed pair (the spread), bar = mean."""
+    keys = [
+        (d, a, li, lay["layer"]) for (d, a), rs in groups.items() for li, lay in enumerate(rs[0]["layers"])
+    ]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(keys) + 1), 3.4))
     width = 0.2
     series = [
-        ("aligned", "A↔merge", "tab:blue"),
-        ("aligned", "B↔merge", "lightsteelblue"),
-        ("naive", "A↔merge", "tab:red"),
-        ("naive", "B↔merge", "lightsalmon"),
+        ("aligned", "match", "tab:blue", "aligned: matched"),
+        ("aligned", "null", "lightsteelblue", "aligned: null"),
+        ("naive", "match", "tab:red", "naive: matched"),
+        ("naive", "null", "lightsalmon", "naive: null"),
     ]
-    for j, (merge, col, colour) in enumerate(series):
-        ys = [
-            next(
-                (r[col] for r in rows if (r["dataset"], r["arch"], r["view"]) == k and r["merge"] == merge),
-                0.0,
-            )
-            for k in keys
-        ]
-        ax.bar(
-            [i + (j - 1.5) * width for i in range(len(keys))], ys, width, color=colour, label=f"{merge} {col}"
-        )
-    floors = [
-        next(r["A↔A (other unit)"] for r in rows if (r["dataset"], r["arch"], r["view"]) == k) for k in keys
-    ]
-    ax.scatter(range(len(keys)), floors, marker="_", s=400, color="k", label="floor (other unit)", zorder=3)
+    for j, (merge, kind, colour, label) in enumerate(series):
+        xs, ys, pts = [], [], []
+        for i, (d, a, li, _) in enumerate(keys):
+            vals = [
+                (np.mean(r["layers"][li]["stats"]["actmax"][merge][f"{kind}_a"])
+                 + np.mean(r["layers"][li]["stats"]["actmax"][merge][f"{kind}_b"])) / 2
+                for r in groups[(d, a)]
+            ]  # fmt: skip
+            x = i + (j - 1.5) * width
+            xs.append(x)
+            ys.append(float(np.mean(vals)))
+            pts.extend((x, float(v)) for v in vals)
+        ax.bar(xs, ys, width, color=colour, label=label)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, color="k", zorder=3)
     ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([f"{a}/{d}\n{v}" for d, a, v in keys], fontsize=7)
-    ax.set_ylabel("visual similarity (Pearson r)")
+    ax.set_xticklabels([f"{a}/{d}\n{layer}" for d, a, _, layer in keys], fontsize=7)
+    ax.set_ylabel("act-max similarity (Pearson r)")
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     path = out / "similarity-summary.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    report.figure(path, "Similarity of merged units to the endpoints' units: aligned (blue) vs naive (red)")
+    report.figure(
+        path,
+        "Act-max similarity of merged units to their matched parents vs the unmatched null, per layer: aligned "
+        "(blue) vs naive (red); dots are seed pairs",
+    )
