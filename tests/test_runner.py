@@ -68,3 +68,18 @@ def test_report_writes_markdown_and_json(tmp_path: Path) -> None:
     text = path.read_text()
     assert "0.6000 ± 0.1414" in text and (tmp_path / "metrics.json").is_file()
     assert markdown_table([]) == "_(no rows)_\n"
+
+
+def test_demo_findings_are_read_off_the_numbers() -> None:
+    from mergelab.experiments.demo import _barrier_finding, _merge_finding
+
+    assert "does not lower" in _barrier_finding({"naive": 0.2, "weight_matching": 0.3})
+    assert "lowers it to 0.050 (25% of naive)" in _barrier_finding({"naive": 0.2, "weight_matching": 0.05})
+    rows = [
+        {"model": "seed 0", "test accuracy": 0.97},
+        {"model": "seed 1", "test accuracy": 0.98},
+        {"model": "merge: average", "test accuracy": 0.90},
+        {"model": "merge: zipit", "test accuracy": 0.85},
+    ]
+    text = _merge_finding(rows)
+    assert "best merge, zipit, reaches 0.850 (not above plain averaging, more than one point" in text
