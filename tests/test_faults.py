@@ -175,7 +175,8 @@ def test_a_killed_study_resumes_with_the_same_metrics_and_no_recomputation(
     jobs = partial / "jobs"
     deadline = time.monotonic() + 240
     while not (jobs.is_dir() and list(jobs.glob("*.json"))) and proc.poll() is None:
-        assert time.monotonic() < deadline, "the study produced no job result in time"
+        if time.monotonic() > deadline:  # a hang guard, not a speed goal
+            pytest.fail("the study produced no job result")
         time.sleep(0.02)
     workers = _descendants(proc.pid)
     proc.send_signal(signal.SIGKILL)  # mid-run: at least one job finished, the report not yet written
@@ -218,7 +219,8 @@ def _wait_gone(pids: list[int], timeout: float = 15.0) -> None:
 
     deadline = time.monotonic() + timeout
     while any(_stat(p) for p in pids):
-        assert time.monotonic() < deadline, f"processes {[p for p in pids if _stat(p)]} outlived their driver"
+        if time.monotonic() > deadline:  # a hang guard, not a speed goal
+            pytest.fail(f"processes {[p for p in pids if _stat(p)]} outlived their driver")
         time.sleep(0.1)
 
 
