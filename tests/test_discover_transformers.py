@@ -16,9 +16,11 @@ from torch import nn
 from mergelab.structure import Structure, discover_structure, permute, random_permutations
 
 transformers = pytest.importorskip("transformers")
+import _hf_tiny  # noqa: E402
+
 transformers.logging.set_verbosity_error()
 
-VOCAB, TOKENS = 40, 7
+VOCAB, TOKENS = _hf_tiny.VOCAB, _hf_tiny.TOKENS
 
 
 def _randomize_vectors(model: nn.Module, seed: int = 0) -> None:
@@ -69,10 +71,7 @@ def _heads(s: Structure, param: str) -> tuple[str, str]:
 
 
 def test_gpt2_lm_head_tied_embeddings_conv1d() -> None:
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2, use_cache=False
-    )
-    s = _check(transformers.GPT2LMHeadModel(cfg), {"input_ids": _ids()})
+    s = _check(_hf_tiny.gpt2(), {"input_ids": _ids()})
     assert s.coverage() == 1.0
     stream = s["transformer.wte"]
     params = {(a.param, a.dim) for a in stream.axes}
@@ -97,18 +96,9 @@ def test_gpt2_lm_head_tied_embeddings_conv1d() -> None:
 
 
 def test_bert_sequence_classification() -> None:
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=24,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
     mask = torch.ones(2, TOKENS, dtype=torch.long)
     mask[1, -2:] = 0
-    s = _check(transformers.BertForSequenceClassification(cfg), {"input_ids": _ids(), "attention_mask": mask})
+    s = _check(_hf_tiny.bert(), {"input_ids": _ids(), "attention_mask": mask})
     assert s.coverage() == 1.0
     qk, vo = _heads(s, "bert.encoder.layer.0.attention.self.query.weight")
     assert s[qk].blocks == s[vo].blocks == 4
@@ -124,19 +114,8 @@ def test_bert_sequence_classification() -> None:
 
 def test_llama_grouped_query_attention_rotary_swiglu() -> None:
     heads, kv_heads, dim = 4, 2, 32
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=dim,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=40,
-        max_position_embeddings=16,
-        use_cache=False,
-        tie_word_embeddings=False,
-    )
     # LlamaRMSNorm computes its statistics in float32 whatever the model dtype: round-off ~1e-7
-    s = _check(transformers.LlamaForCausalLM(cfg), {"input_ids": _ids()}, tol=1e-6)
+    s = _check(_hf_tiny.llama_gqa(heads, kv_heads, dim), {"input_ids": _ids()}, tol=1e-6)
     assert s.coverage() == 1.0
     head_dim = dim // heads
     for i in range(2):
@@ -158,8 +137,7 @@ def test_llama_grouped_query_attention_rotary_swiglu() -> None:
 
 
 def test_t5_encoder_relative_position_bias_follows_heads() -> None:
-    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4)
-    model = transformers.T5EncoderModel(cfg)
+    model = _hf_tiny.t5_encoder()
     s = _check(model, {"input_ids": _ids()})
     # the encoder returns its hidden states, so the residual stream is the output and stays in place
     assert all(not f.hidden for f in s.fixed)
@@ -172,17 +150,7 @@ def test_t5_encoder_relative_position_bias_follows_heads() -> None:
 
 
 def test_vit_image_classification() -> None:
-    cfg = transformers.ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        num_labels=3,
-    )
-    model = transformers.ViTForImageClassification(cfg)
+    model = _hf_tiny.vit()
     model.eval()
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     s = _check(model, {"pixel_values": x})
@@ -201,11 +169,8 @@ def test_activation_statistics_on_gpt2() -> None:
     """Probes are module hooks, so activation matching runs on the eager transformers model."""
     from mergelab.match.solvers import match_activations
 
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2, use_cache=False
-    )
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model = _hf_tiny.gpt2(n_layer=1).eval()
     ids = torch.randint(0, VOCAB, (16, TOKENS), generator=torch.Generator().manual_seed(1))
     s = discover_structure(model, (ids[:2],))
     perms = random_permutations(s, 0)

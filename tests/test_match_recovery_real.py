@@ -30,13 +30,9 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
+import _hf_tiny  # noqa: E402
 
-VOCAB = 40
 Inputs = dict[str, torch.Tensor]
-
-
-def _ids(batch: int = 2, tokens: int = 7) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(0))
 
 
 def _hf(make: Callable[[], nn.Module], inputs: Callable[[], Inputs]) -> Callable[[], tuple[nn.Module, Any]]:
@@ -49,63 +45,20 @@ def _plain(
     return lambda: (make(), x())
 
 
-_T = transformers
 REAL_MODELS: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
-    "hf-gpt2": _hf(
-        lambda: _T.GPT2LMHeadModel(
-            _T.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2, use_cache=False)
-        ),
-        lambda: {"input_ids": _ids()},
-    ),
+    "hf-gpt2": _hf(_hf_tiny.gpt2, lambda: {"input_ids": _hf_tiny.ids()}),
     "hf-bert": _hf(
-        lambda: _T.BertForSequenceClassification(
-            _T.BertConfig(
-                vocab_size=VOCAB,
-                hidden_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=24,
-                max_position_embeddings=16,
-                num_labels=3,
-            )
-        ),
-        lambda: {"input_ids": _ids(), "attention_mask": torch.ones(2, 7, dtype=torch.long)},
+        _hf_tiny.bert,
+        lambda: {
+            "input_ids": _hf_tiny.ids(),
+            "attention_mask": torch.ones(2, _hf_tiny.TOKENS, dtype=torch.long),
+        },
     ),
-    "hf-llama-gqa": _hf(
-        lambda: _T.LlamaForCausalLM(
-            _T.LlamaConfig(
-                vocab_size=VOCAB,
-                hidden_size=16,
-                intermediate_size=24,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=16,
-                use_cache=False,
-            )
-        ),
-        lambda: {"input_ids": _ids()},
-    ),
-    "hf-t5-encoder": _hf(
-        lambda: _T.T5EncoderModel(
-            _T.T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4)
-        ),
-        lambda: {"input_ids": _ids()},
-    ),
+    "hf-llama-gqa": _hf(_hf_tiny.llama_gqa, lambda: {"input_ids": _hf_tiny.ids()}),
+    "hf-t5-encoder": _hf(_hf_tiny.t5_encoder, lambda: {"input_ids": _hf_tiny.ids()}),
     "hf-vit": _hf(
-        lambda: _T.ViTForImageClassification(
-            _T.ViTConfig(
-                image_size=8,
-                patch_size=4,
-                num_channels=1,
-                hidden_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=24,
-                num_labels=3,
-            )
-        ),
-        lambda: {"pixel_values": torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))},
+        _hf_tiny.vit,
+        lambda: {"pixel_values": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))},
     ),
     "timm-packed-qkv": _plain(lambda: TimmViT(PackedAttention), lambda: torch.randn(2, 2, 4, 4)),
     "chunked-qkv-sdpa": _plain(lambda: TimmViT(ChunkAttention), lambda: torch.randn(2, 2, 4, 4)),
