@@ -35,24 +35,23 @@ def _trailing(w: Walk, x: Act, n: int, params: list[Any]) -> Act:
     return x
 
 
-@rule("layer_norm")
-def layer_norm(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
+def _trailing_norm(w: Walk, args: list[Any], params: list[Any]) -> Any:
+    """``layer_norm`` / ``rms_norm``: normalised over the trailing ``len(args[1])`` axes, affine params on them."""
     x = args[0]
     if not isinstance(x, Act):
         return NotImplemented
-    n = len(c(args[1]))
-    x = _trailing(w, x, n, [arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")])
+    x = _trailing(w, x, len(c(args[1])), params)
     return Act(w.out_shape(), dict(x.axes), dict(x.pairs))
+
+
+@rule("layer_norm")
+def layer_norm(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    return _trailing_norm(w, args, [arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")])
 
 
 @rule("rms_norm")
 def rms_norm(w: Walk, args: list[Any], kwargs: dict[str, Any]) -> Any:
-    x = args[0]
-    if not isinstance(x, Act):
-        return NotImplemented
-    n = len(c(args[1]))
-    x = _trailing(w, x, n, [arg(args, kwargs, 2, "weight")])
-    return Act(w.out_shape(), dict(x.axes), dict(x.pairs))
+    return _trailing_norm(w, args, [arg(args, kwargs, 2, "weight")])
 
 
 @rule("native_layer_norm")
