@@ -264,8 +264,7 @@ def _claims(groups: dict[tuple[str, str, int], list[dict[str, Any]]], cfg: LMCCo
                 _values(rs, "weight_matching", "loss_barrier"), direction="less", margin=0.05, setting=setting,
                 paper="Git Re-Basin: ≈ 0 for wide MNIST MLPs",
             ))  # fmt: skip
-        fix = "reset" if "activation_matching + reset" in paths else None
-        if fix:
+        if "activation_matching + reset" in paths:  # a net with BatchNorm: reset and REPAIR both apply
             out.append(claim(
                 "BatchNorm reset lowers the aligned accuracy barrier", "test acc. barrier: aligned − aligned+reset",
                 _values(rs, "activation_matching", "test_accuracy_barrier"),
