@@ -488,7 +488,7 @@ def features(cfg: FeaturesConfig, out: Path, executor: Executor) -> Report:
                     title=f"{r['arch']} on {r['dataset']}, {lay['layer']}: {what}",
                 )
                 report.figure(path, f"{r['arch']} on {r['dataset']}, `{lay['layer']}`: {what}")
-    _summary_plot(report, groups, out, plt)
+    _summary_plot(report, groups, plt)
 
     cpu_train = sum(r["cpu_s"] for r in trained)
     cpu_analysis = sum(r["cpu_s"] for r in results)
@@ -593,9 +593,7 @@ def _layer_rows(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> list[dic
     return rows
 
 
-def _summary_plot(
-    report: Report, groups: dict[tuple[str, str], list[dict[str, Any]]], out: Path, plt: Any
-) -> None:
+def _summary_plot(report: Report, groups: dict[tuple[str, str], list[dict[str, Any]]], plt: Any) -> None:
     """Per layer: act-max similarity of merged units to matched parents vs the unmatched null, aligned and
     naive; one dot per seed pair (the spread), bar = mean."""
     keys = [
@@ -628,12 +626,9 @@ def _summary_plot(
     ax.set_ylabel("act-max similarity (Pearson r)")
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    path = out / "similarity-summary.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    report.figure(
-        path,
+    report.plot(
+        fig,
+        "similarity-summary.png",
         "Act-max similarity of merged units to their matched parents vs the unmatched null, per layer: aligned "
         "(blue) vs naive (red); dots are seed pairs",
     )

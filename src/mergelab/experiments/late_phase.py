@@ -271,7 +271,7 @@ def late_phase_study(cfg: LatePhaseStudyConfig, out: Path, executor: Executor) -
                             "the averaged model with running BatchNorm statistics; SWA curves show the running "
                             "iterate, not the average.")  # fmt: skip
     if sweep_points:
-        _write_sweep(report, cfg, sweep, results, out)
+        _write_sweep(report, cfg, sweep, results)
     report.claims(
         _claims(cfg, results, sweep),
         "Differences are of single-model test accuracy (points), paired within each training seed (same "
@@ -302,7 +302,6 @@ def _write_sweep(
     cfg: LatePhaseStudyConfig,
     sweep: list[dict[str, Any]],
     results: list[dict[str, Any]],
-    out: Path,
 ) -> None:
     import matplotlib.pyplot as plt
 
@@ -339,12 +338,10 @@ def _write_sweep(
             ax.set(xlabel="T0 (epoch the late phase starts)", ylabel="Δ accuracy vs baseline",
                    title=f"{d} / {a}: BatchNorm late phase")  # fmt: skip
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = out / f"t0-sweep-{d}-{a}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            report.figure(
-                path, f"{d} / {a}: accuracy gain over the baseline against T0, mean ± std over seeds"
+            report.plot(
+                fig,
+                f"t0-sweep-{d}-{a}.png",
+                f"{d} / {a}: accuracy gain over the baseline against T0, mean ± std over seeds",
             )
     report.table(rows, digits=4)
     report.metrics["t0_sweep"] = rows

@@ -210,7 +210,7 @@ def lmc(cfg: LMCConfig, out: Path, executor: Executor) -> Report:
                     "midpoint test acc": mean_std([r["curves"][name]["midpoint_test_accuracy"] for r in rs]),
                 }
             )
-    claims = _claims(groups, cfg)
+    claims = _claims(groups)
     report.claims(
         claims,
         "Every verdict is computed from a 95 % Student-t interval over independent seed pairs (the difference "
@@ -228,7 +228,7 @@ def lmc(cfg: LMCConfig, out: Path, executor: Executor) -> Report:
         path = _curve_plot(rs, out / f"curve-{d}-{a}-w{w}.png", f"{a} ×{w} on {d}", plt)
         report.figure(path, f"{a} ×{w} on {d}: interpolation curves, mean (line) and min–max (band) over "
                             f"{len(rs)} seed pairs")  # fmt: skip
-    caption = _width_plot(report, groups, out, plt)
+    caption = _width_plot(report, groups, plt)
     if caption:
         report.text(caption)
     timing = {k: float(np.sum([r["timing"][k] for r in results])) for k in results[0]["timing"]}
@@ -244,7 +244,7 @@ def _values(rs: list[dict[str, Any]], path: str, key: str) -> list[float]:
     return [float(r["curves"][path][key]) for r in rs]
 
 
-def _claims(groups: dict[tuple[str, str, int], list[dict[str, Any]]], cfg: LMCConfig) -> list[Claim]:
+def _claims(groups: dict[tuple[str, str, int], list[dict[str, Any]]]) -> list[Claim]:
     """The study's claims, each with a verdict computed from the seed-pair interval."""
     out: list[Claim] = []
     keys = sorted(groups)
@@ -335,9 +335,7 @@ def _curve_plot(rs: list[dict[str, Any]], path: Path, title: str, plt: Any) -> P
     return path
 
 
-def _width_plot(
-    report: Report, groups: dict[tuple[str, str, int], list[dict[str, Any]]], out: Path, plt: Any
-) -> str:
+def _width_plot(report: Report, groups: dict[tuple[str, str, int], list[dict[str, Any]]], plt: Any) -> str:
     """Loss barrier against width, one panel per (dataset, arch), each with its own legend; returns a caption
     sentence computed from the plotted means."""
     keys = sorted({(d, a) for d, a, _ in groups})
@@ -365,11 +363,9 @@ def _width_plot(
             f"{a}/{d}: naive {naive[0]:.3f} → {naive[-1]:.3f}, weight matching {wm[0]:.3f} → {wm[-1]:.3f} "
             f"(×{ws[0]} → ×{ws[-1]})"
         )
-    fig.tight_layout()
-    path = out / "barrier-vs-width.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    report.figure(
-        path, "Loss barrier against width, mean ± std over seed pairs (each panel has its own legend)"
+    report.plot(
+        fig,
+        "barrier-vs-width.png",
+        "Loss barrier against width, mean ± std over seed pairs (each panel has its own legend)",
     )
     return "Measured mean loss barriers from the narrowest to the widest net: " + "; ".join(sentences) + "."

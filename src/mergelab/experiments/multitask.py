@@ -464,12 +464,10 @@ def _write_report(report: Report, cfg: MultitaskConfig, results: list[dict[str, 
             ax.set(xlabel="alpha (weight-space share of the similarity)", ylabel="test joint accuracy",
                    title=f"{d}, {h} heads: alpha sweep")  # fmt: skip
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = out / f"alpha_sweep_{tag}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            report.figure(
-                path, f"MuDSC alpha sweep on {d} ({h} heads): test joint accuracy, mean ± std over seeds"
+            report.plot(
+                fig,
+                f"alpha_sweep_{tag}.png",
+                f"MuDSC alpha sweep on {d} ({h} heads): test joint accuracy, mean ± std over seeds",
             )
         for r in res:
             if r.get("landscape"):

@@ -95,6 +95,17 @@ class Report:
         rel = Path(path).resolve().relative_to(self.folder.resolve())
         self.sections.append(f"![{caption}]({rel.as_posix()})\n\n*{caption}*\n")
 
+    def plot(self, fig: Any, name: str, caption: str, dpi: int = 110) -> Path:
+        """Lay out, save as ``name`` in the run folder and close a matplotlib figure, then add it with ``caption``."""
+        import matplotlib.pyplot as plt
+
+        fig.tight_layout()
+        path = self.folder / name
+        fig.savefig(path, dpi=dpi)
+        plt.close(fig)
+        self.figure(path, caption)
+        return path
+
     def save(self) -> Path:
         """Write report.md and metrics.json (with config, versions and time) and return report.md's path."""
         import torch
