@@ -259,7 +259,7 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, Tensor]], alignment: Al
         raise ValueError(
             f"merge_state_dicts: {len(state_dicts)} state dicts for an alignment of {alignment.num_models} models"
         )
-    check_structure(alignment.structure, state_dicts[0])
+    check_structure(alignment.structure, state_dicts[0], "merge_state_dicts")
     axes = alignment.structure.param_axes
     return {
         key: merge_tensor([sd[key] for sd in state_dicts], axes.get(key, ()), alignment)

@@ -187,14 +187,21 @@ def build_structure(
             )
         groups.append(Group(name, size, tuple(lst), (blocks or {}).get(name, 1)))
     structure = Structure(tuple(groups), tuple(tuple(t) for t in ties))
-    check_structure(structure, shapes)
+    check_structure(structure, shapes, "build_structure")
     return structure
 
 
 def check_structure(
-    structure: Structure, source: nn.Module | Mapping[str, Tensor] | Mapping[str, tuple[int, ...]]
+    structure: Structure,
+    source: nn.Module | Mapping[str, Tensor] | Mapping[str, tuple[int, ...]],
+    op: str = "Structure",
 ) -> None:
     """Check that every axis names an existing tensor axis, fits inside it and overlaps no other axis.
+
+    Args:
+        structure: the groups.
+        source: the model, its ``state_dict``, or key → shape.
+        op: the operation named at the start of an error (``permute_state_dict``, ``merge_state_dicts`` …).
 
     Raises:
         ValueError: naming the group, the axis and the tensor's shape.
@@ -207,14 +214,14 @@ def check_structure(
     for g in structure:
         for a in g.axes:
             if a.param not in shapes:
-                raise ValueError(f"Structure group {g.name!r}: axis {a} names no tensor of the model")
+                raise ValueError(f"{op}: group {g.name!r}: axis {a} names no tensor of the model")
             shape = shapes[a.param]
             if not 0 <= a.dim < len(shape):
-                raise ValueError(f"Structure group {g.name!r}: axis {a} but {a.param!r} has shape {shape}")
+                raise ValueError(f"{op}: group {g.name!r}: axis {a} but {a.param!r} has shape {shape}")
             end = a.start + g.size * a.inner
             if a.inner < 1 or a.start < 0 or end > shape[a.dim]:
                 raise ValueError(
-                    f"Structure group {g.name!r} ({g.size} units): axis {a} needs entries "
+                    f"{op}: group {g.name!r} ({g.size} units): axis {a} needs entries "
                     f"[{a.start}, {end}) of {a.param!r} {shape}"
                 )
             spans.setdefault((a.param, a.dim), []).append((a.start, end, g.name))
@@ -223,5 +230,5 @@ def check_structure(
         for (_, e0, g0), (s1, _, g1) in zip(lst, lst[1:], strict=False):
             if s1 < e0:
                 raise ValueError(
-                    f"Structure: groups {g0!r} and {g1!r} both permute {param!r}[{dim}] at entry {s1}"
+                    f"{op}: groups {g0!r} and {g1!r} both permute {param!r}[{dim}] at entry {s1}"
                 )

@@ -232,7 +232,7 @@ def permute_state_dict(
             tensor or does not fit it (see :func:`~mergelab.structure.build.check_structure`).
     """
     checked = check_permutations(structure, perms)
-    check_structure(structure, state_dict)
+    check_structure(structure, state_dict, "permute_state_dict")
     out = dict(state_dict)
     for key, items in structure.param_axes.items():
         ops = [(a, checked[g.name]) for g, a in items if g.name in checked]

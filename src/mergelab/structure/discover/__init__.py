@@ -108,5 +108,5 @@ def discover_structure(model: nn.Module, example_input: ExampleInput) -> Structu
     """
     ep = export_model(model, example_input)
     structure = Walk(model, ep, RULES).run()
-    check_structure(structure, model)
+    check_structure(structure, model, "discover_structure")
     return structure
