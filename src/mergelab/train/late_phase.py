@@ -71,15 +71,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mergelab.batchnorm import has_batchnorm, update_batchnorm
 from mergelab.evaluation import Metrics, evaluate, split_batch
-from mergelab.train.swa import (
-    SWACallback,
-    as_loader,
-    base_optimizer,
-    default_swa_start,
-    has_batchnorm,
-    recompute_bn,
-)
+from mergelab.train.swa import SWACallback, as_loader, base_optimizer, default_swa_start
 from mergelab.train.trainer import BaseCallback, Callback, History, TrainConfig, TrainState, train
 
 log = logging.getLogger(__name__)
@@ -552,9 +546,9 @@ class LatePhaseCallback(BaseCallback):
         state.optimizer = base
         if self.k > 1 and has_batchnorm(state.model):
             loader = as_loader(self.bn_data, self.batch_size)
-            recompute_bn(state.model, loader)
+            update_batchnorm(state.model, loader)
             for m in models:
-                recompute_bn(m, loader)
+                update_batchnorm(m, loader)
         for m in models:
             m.eval()
         self.members = models
