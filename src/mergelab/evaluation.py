@@ -85,13 +85,13 @@ def batches(
 
 
 @contextlib.contextmanager
-def eval_mode(model: object, *, training: bool = False) -> Iterator[None]:
-    """Put ``model`` in eval mode (train mode with ``training=True``), then give every submodule back its *own*
+def eval_mode(*models: object, training: bool = False) -> Iterator[None]:
+    """Put ``models`` in eval mode (train mode with ``training=True``), then give every submodule back its *own*
     mode, also when the body raises.
 
     ``model.train(was)`` would set every submodule to the top-level flag and so flip, e.g., BatchNorm layers that
     were deliberately frozen in eval mode inside a training model. Anything that is not an ``nn.Module`` (a
-    plain callable) passes through.
+    plain callable) passes through; a module given twice (or shared by two models) gets its first mode back.
 
     Example:
         >>> from torch import nn
@@ -104,15 +104,17 @@ def eval_mode(model: object, *, training: bool = False) -> Iterator[None]:
         >>> m.training, m[1].training
         (True, False)
     """
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    model.train(training)
+    modules = [m for m in models if isinstance(m, nn.Module)]
+    modes: dict[nn.Module, bool] = {}
+    for model in modules:
+        for m in model.modules():
+            modes.setdefault(m, m.training)
+    for model in modules:
+        model.train(training)
     try:
         yield
     finally:
-        for m, was in modes:
+        for m, was in modes.items():
             m.training = was
 
 
