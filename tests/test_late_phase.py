@@ -12,8 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mergelab.io
-from mergelab.batchnorm import update_batchnorm
-from mergelab.evaluation import evaluate
+from mergelab.evaluation import evaluate, update_batchnorm
 from mergelab.models import build_model
 from mergelab.train import BaseCallback, TrainConfig, TrainState, train
 from mergelab.train.late_phase import (

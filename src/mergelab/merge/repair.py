@@ -42,10 +42,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mergelab.batchnorm import has_batchnorm, update_batchnorm
-from mergelab.evaluation import batches, eval_mode
+from mergelab.evaluation import batches, eval_mode, has_batchnorm, update_batchnorm
 from mergelab.match.features import trace_model, unit_dim
-from mergelab.merge.average import check_same_architecture, normalize_coefficients
+from mergelab.structure.checks import check_same_architecture, normalize_coefficients
 
 __all__ = ["channel_statistics", "repair", "repair_sites", "reset_batchnorm"]
 
@@ -66,7 +65,7 @@ def _device(model: nn.Module) -> torch.device:
 def reset_batchnorm(model: nn.Module, data: Iterable, *, max_batches: int | None = None) -> nn.Module:
     """Recompute every BatchNorm's running statistics on ``data`` (a cumulative average, momentum ``None``).
 
-    :func:`mergelab.batchnorm.update_batchnorm` (``torch.optim.swa_utils.update_bn``) on a copy: the input
+    :func:`mergelab.evaluation.update_batchnorm` (``torch.optim.swa_utils.update_bn``) on a copy: the input
     model is untouched, and BN momentum and train/eval modes of the copy are as they were.
 
     Args:

@@ -71,8 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mergelab.batchnorm import has_batchnorm, update_batchnorm
-from mergelab.evaluation import Metrics, batches, eval_mode, evaluate
+from mergelab.evaluation import Metrics, batches, eval_mode, evaluate, has_batchnorm, update_batchnorm
 from mergelab.train.late_phase_members import (
     Members,
     NormMembers,

@@ -23,7 +23,7 @@ from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel
 from torch.utils.data import DataLoader, Dataset
 
-from mergelab.batchnorm import has_batchnorm, update_batchnorm
+from mergelab.evaluation import has_batchnorm, update_batchnorm
 from mergelab.train.trainer import BaseCallback, History, TrainConfig, TrainState, train
 
 log = logging.getLogger(__name__)
