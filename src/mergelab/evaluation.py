@@ -23,6 +23,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import update_bn
 
+from mergelab.data.loaders import batch_xy as split_batch  # the one batch splitter; importable from here too
+
 
 @dataclass(frozen=True)
 class Metrics:
@@ -32,16 +34,6 @@ class Metrics:
 
     def to_dict(self) -> dict[str, float]:
         return {"loss": self.loss, "accuracy": self.accuracy, "count": self.count}
-
-
-def split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A user loader yields ``x`` or ``(x, y)`` (tuple or list); return ``(x, y or None)``."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return batch[0], y
-    raise TypeError(f"a batch must be a Tensor x or a tuple (x, y), got {type(batch).__name__}")
 
 
 def scores_and_targets(out: object, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
