@@ -10,7 +10,8 @@ The samples come from ``mnist1d.data.make_dataset`` with the package's default a
 (``get_dataset_args()``), except the ones :class:`MNIST1DConfig` exposes (``num_samples``, ``train_split``,
 ``seed``, the transform strengths); the package's URL-download path (``get_dataset``) is never called, so
 nothing is downloaded. The package draws from the legacy global ``np.random``/``random`` state after seeding it;
-we save and restore both around the call, so loading MNIST-1D never changes a caller's global RNG state.
+we save and restore both around the call, so loading MNIST-1D never changes a caller's global RNG state (but two
+threads generating at once would share it: generate from one thread, or from processes as the study runner does).
 
 What stays ours:
 
