@@ -1,5 +1,9 @@
 """Loss and accuracy of a model on a loader: the one evaluation every layer uses.
 
+It also holds the helpers every loop over data uses: :func:`batches` (``x``/``(x, y)`` batches, at most
+``max_batches``, on a device), :func:`eval_mode` (a mode for the duration, every submodule's own mode back
+after) and :func:`update_batchnorm`, the one BatchNorm statistics reset (SWA, late-phase training, merging).
+
 Targets are one class per sample ``y: (N,)`` with outputs ``(N, C)``, or one class per position ``y: (N, T)``
 with outputs ``(N, T, C)`` (a language model's next tokens): then every position counts as a sample, so the loss
 is the mean per-token cross-entropy (``exp`` of it is the perplexity). A model may return its scores directly or
@@ -9,12 +13,17 @@ as the ``logits`` attribute of an output object (Hugging Face ``ModelOutput``).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import update_bn
+
+from mergelab.data.loaders import batch_xy as split_batch  # the one batch splitter; importable from here too
 
 
 @dataclass(frozen=True)
@@ -25,16 +34,6 @@ class Metrics:
 
     def to_dict(self) -> dict[str, float]:
         return {"loss": self.loss, "accuracy": self.accuracy, "count": self.count}
-
-
-def split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A user loader yields ``x`` or ``(x, y)`` (tuple or list); return ``(x, y or None)``."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return batch[0], y
-    raise TypeError(f"a batch must be a Tensor x or a tuple (x, y), got {type(batch).__name__}")
 
 
 def scores_and_targets(out: object, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,22 +52,63 @@ def scores_and_targets(out: object, y: torch.Tensor) -> tuple[torch.Tensor, torc
     return logits, y
 
 
+def batches(
+    data: Iterable, *, max_batches: int | None = None, device: torch.device | str | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(x, y or None)`` of each batch of ``data``, stopping after ``max_batches``, moved to ``device``.
+
+    Args:
+        data: a loader (or any iterable) yielding ``x`` or ``(x, y)`` batches.
+        max_batches: stop after this many batches (``None``: all); the batch after the last is never drawn.
+        device: move ``x`` (and ``y``) there; ``None`` leaves them where they are.
+
+    Example:
+        >>> import torch
+        >>> data = [(torch.zeros(2, 3), torch.ones(2))] * 5
+        >>> [tuple(x.shape) for x, _ in batches(data, max_batches=2)]
+        [(2, 3), (2, 3)]
+    """
+    if max_batches is not None and max_batches < 0:
+        raise ValueError(f"batches: max_batches must be >= 0 or None, got {max_batches}")
+    for batch in data if max_batches is None else itertools.islice(data, max_batches):
+        x, y = split_batch(batch)
+        if device is not None:
+            x = x.to(device)
+            y = y.to(device) if y is not None else None
+        yield x, y
+
+
 @contextlib.contextmanager
-def eval_mode(model: object) -> Iterator[None]:
-    """Put ``model`` in eval mode, then give every submodule back its *own* mode.
+def eval_mode(*models: object, training: bool = False) -> Iterator[None]:
+    """Put ``models`` in eval mode (train mode with ``training=True``), then give every submodule back its *own*
+    mode, also when the body raises.
 
     ``model.train(was)`` would set every submodule to the top-level flag and so flip, e.g., BatchNorm layers that
-    were deliberately frozen in eval mode inside a training model.
+    were deliberately frozen in eval mode inside a training model. Anything that is not an ``nn.Module`` (a
+    plain callable) passes through; a module given twice (or shared by two models) gets its first mode back.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+        >>> m[1].eval()  # doctest: +ELLIPSIS
+        BatchNorm1d(...)
+        >>> with eval_mode(m):
+        ...     m.training, m[1].training
+        (False, False)
+        >>> m.training, m[1].training
+        (True, False)
     """
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    modules = [m for m in models if isinstance(m, nn.Module)]
+    modes: dict[nn.Module, bool] = {}
+    for model in modules:
+        for m in model.modules():
+            modes.setdefault(m, m.training)
+    for model in modules:
+        model.train(training)
     try:
         yield
     finally:
-        for m, was in modes:
+        for m, was in modes.items():
             m.training = was
 
 
@@ -76,7 +116,7 @@ def eval_mode(model: object) -> Iterator[None]:
 def predict_logits(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], data: Iterable) -> torch.Tensor:
     """Concatenated outputs over ``data`` in eval mode (every submodule's mode is restored)."""
     with eval_mode(model):
-        return torch.cat([model(split_batch(b)[0]) for b in data])
+        return torch.cat([model(x) for x, _ in batches(data)])
 
 
 @torch.no_grad()
@@ -99,8 +139,7 @@ def evaluate(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], data: It
         )
     total_loss, correct, count = 0.0, 0, 0
     with eval_mode(model):
-        for batch in data:
-            x, y = split_batch(batch)
+        for x, y in batches(data):
             if y is None:
                 raise ValueError("evaluate: the loader yields no labels; it must yield (x, y) batches")
             out, y = scores_and_targets(_forward(model, x, first=count == 0), y)
@@ -132,8 +171,7 @@ def evaluate_tasks(
     heads: list[list[tuple[int, int]]] | None = None  # per head: (head, global class) of each output column
     sums: dict[str, list[float]] = {}
     with eval_mode(model):
-        for batch in data:
-            x, y = split_batch(batch)
+        for x, y in batches(data):
             if y is None:
                 raise ValueError("evaluate_tasks: the loader yields no labels; it must yield (x, y) batches")
             outs = tuple(model.forward_tasks(x))  # type: ignore[operator]
@@ -171,6 +209,76 @@ def evaluate_tasks(
     if not sums:
         raise ValueError("evaluate_tasks: the loader is empty")
     return {k: Metrics(v[0] / v[2], v[1] / v[2], int(v[2])) for k, v in sorted(sums.items())}
+
+
+# -- BatchNorm statistics -------------------------------------------------------------------------------------
+#
+# Averaged or merged weights never produced the running mean/variance their BatchNorm layers hold (those belong
+# to the endpoints), so the statistics are recomputed on data. The pass is ``torch.optim.swa_utils.update_bn``
+# (Izmailov et al., UAI 2018, https://arxiv.org/abs/1803.05407): it resets every BatchNorm's statistics, sets
+# ``momentum=None`` (a cumulative average in which every batch counts the same) and runs the model in train mode
+# without autograd. Around it we add what ``update_bn`` leaves out: loaders of ``x`` or ``(x, y)`` with
+# ``max_batches``, inputs moved to the model's device, every submodule's own train/eval mode and every momentum
+# put back in a ``finally``, and an error on empty data.
+
+
+def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
+    """The BatchNorm layers of ``model`` that track running statistics (the ones a reset changes)."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers that track running statistics (those need recomputing)."""
+    return bool(batchnorm_layers(model))
+
+
+def update_batchnorm(model: nn.Module, data: Iterable, *, max_batches: int | None = None) -> nn.Module:
+    """Reset and recompute, in place, every BatchNorm's running statistics with one pass over ``data``.
+
+    Args:
+        model: the network; its BatchNorm buffers change, nothing else. A model without BatchNorm is returned
+            untouched (``data`` is not read).
+        data: batches ``x`` or ``(x, y)`` (the training data, without augmentation).
+        max_batches: use at most this many batches.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: ``data`` yielded no batch (the statistics are then reset, not recomputed).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+        >>> x = torch.randn(32, 3)
+        >>> _ = update_batchnorm(m, [x[:16], x[16:]])
+        >>> int(m[1].num_batches_tracked), m.training
+        (2, False)
+    """
+    bns = batchnorm_layers(model)
+    if not bns:
+        return model
+    seen = 0
+    device = next((p.device for p in model.parameters()), None)
+
+    def inputs() -> Iterator[torch.Tensor]:
+        nonlocal seen
+        for x, _ in batches(data, max_batches=max_batches, device=device):
+            seen += 1
+            yield x
+
+    momenta = [(m, m.momentum) for m in bns]
+    try:
+        # update_bn restores only the top-level train flag (and nothing if the pass raises)
+        with eval_mode(model, training=True):
+            update_bn(inputs(), model)
+    finally:
+        for m, momentum in momenta:
+            m.momentum = momentum
+    if seen == 0:
+        raise ValueError("update_batchnorm: the data yielded no batches for the BatchNorm statistics")
+    return model
 
 
 def _forward(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, first: bool) -> torch.Tensor:

@@ -25,6 +25,10 @@ monotone) but its gradient never vanishes, while a post-ReLU unit that is off fo
 zero gradient forever. Name the ``Linear``/conv module to visualise pre-activations, the activation module (or
 the structure group, whose probe usually sits after the ReLU) for post-activations.
 
+Layout: units (selection, reading, top-k, correlation) live in :mod:`mergelab.analysis.units`, activation
+maximisation and the Fourier parameterisation in :mod:`mergelab.analysis.actmax`; this module holds the
+endpoint-vs-merge comparison and re-exports the rest, so ``mergelab.analysis.feature_vis`` is the one import.
+
 Paper: Zou, Nanfack, Horoi, Belilovsky, "Understanding Permutation Based Model Merging with Feature
 Visualizations" (2024). Background: Olah et al., "Feature Visualization", Distill 2017 (regularisers,
 jitter, decorrelated Fourier parameterisation).
@@ -42,18 +46,34 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
-from mergelab.evaluation import split_batch
+from mergelab.analysis.actmax import (
+    ActMaxConfig,
+    ActMaxResult,
+    activation_maximization,
+    fourier_scale,
+    image_to_spectrum,
+    spectrum_to_image,
+)
+from mergelab.analysis.units import (
+    TopK,
+    UnitSelection,
+    select_units,
+    top_k_examples,
+    unit_activations,
+    unit_correlation,
+)
+from mergelab.evaluation import batches
 
 __all__ = [
     "ActMaxConfig",
@@ -77,592 +97,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_PAPER = "Zou, Nanfack, Horoi, Belilovsky, 'Understanding Permutation Based Model Merging with Feature Visualizations'"
-
-
-# -- unit selection ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UnitSelection:
-    """Which units to read, and where.
-
-    Attributes:
-        module: qualified name of the module whose forward output holds the units (``""`` is the model).
-        units: unit indices along ``dim``.
-        dim: the unit axis of that output (``1`` for ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``; ``-1`` for
-            token sequences ``(N, T, D)``); every other non-batch axis is averaged.
-        size: number of units along ``dim``.
-        input_shape: the model's input shape without batch (what activation maximisation optimises).
-        group: the structure group the layer was named by, if any.
-    """
-
-    module: str
-    units: tuple[int, ...]
-    dim: int
-    size: int
-    input_shape: tuple[int, ...]
-    group: str | None = None
-
-
-def _input_shape(
-    model: nn.Module, input_shape: Sequence[int] | None, example_input: Tensor | None
-) -> tuple[int, ...]:
-    if input_shape is not None:
-        return tuple(int(s) for s in input_shape)
-    if example_input is not None:
-        return tuple(example_input.shape[1:])
-    spec = getattr(model, "mergelab_spec", None)
-    if isinstance(spec, dict) and "input_shape" in spec:
-        return tuple(int(s) for s in spec["input_shape"])
-    shape = getattr(model, "input_shape", None)
-    if isinstance(shape, (tuple, list)) and all(isinstance(s, int) for s in shape):
-        return tuple(shape)
-    raise ValueError(
-        f"feature_vis: cannot tell the input shape of {type(model).__name__}; pass input_shape= or example_input="
-    )
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration (BatchNorm must not couple the optimised images), flags restored after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
-class _Stop(Exception):
-    """Raised by the capture hook: nothing after the observed module needs to run."""
-
-
-def _layer_output(model: nn.Module, module: str, x: Tensor) -> Tensor:
-    """The forward output of ``model.get_submodule(module)`` on ``x`` (the rest of the network is skipped)."""
-    target = model.get_submodule(module)
-    store: dict[str, Any] = {}
-
-    def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
-        store["out"] = out
-        raise _Stop
-
-    handle = target.register_forward_hook(hook)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "out" not in store:
-        raise ValueError(f"feature_vis: module {module!r} was not called in {type(model).__name__}.forward")
-    out = store["out"]
-    if isinstance(out, (tuple, list)):
-        out = next((o for o in out if isinstance(o, Tensor)), None)
-    if not isinstance(out, Tensor):
-        raise TypeError(f"feature_vis: module {module!r} returned {type(out).__name__}, not a Tensor")
-    return out
-
-
-def _reduce(out: Tensor, dim: int, module: str) -> Tensor:
-    """``(N, ..., units, ...)`` → ``(N, units)``: mean over every other non-batch axis (positions, tokens)."""
-    if out.ndim < 2:
-        raise ValueError(
-            f"feature_vis: module {module!r} output has shape {tuple(out.shape)}; need (N, units, ...)"
-        )
-    d = dim % out.ndim
-    if d == 0:
-        raise ValueError(
-            f"feature_vis: dim={dim} of module {module!r} output {tuple(out.shape)} is the batch axis"
-        )
-    moved = out.movedim(d, 1)  # (N, units, *rest)
-    return moved.reshape(moved.shape[0], moved.shape[1], -1).mean(-1)
-
-
-def _flatten_start(node: fx.Node) -> int | None:
-    """``start_dim`` if ``node`` is ``torch.flatten(x, s)`` / ``x.flatten(s)`` (the units stay on axis ``s``)."""
-    is_fn = node.op == "call_function" and node.target is torch.flatten
-    is_method = node.op == "call_method" and node.target == "flatten"
-    if not (is_fn or is_method):
-        return None
-    if len(node.args) > 1:
-        return int(node.args[1])  # type: ignore[arg-type]
-    return int(node.kwargs.get("start_dim", 0))  # type: ignore[arg-type]
-
-
-def _probe_module(model: nn.Module, group: Any) -> tuple[str, int]:
-    """A module whose output shows ``group``'s units: an output probe, the module feeding an input probe, or (fx
-    probes of hand-written structures) a module call or one flatten before it."""
-    for probe in group.probes:
-        if probe.site == "output" and probe.inner == 1:
-            return probe.node, probe.dim
-        if probe.site == "input" and probe.source and probe.inner == 1:
-            return probe.source, probe.dim
-    from mergelab.structure import trace
-
-    nodes = {n.name: n for n in trace(model).graph.nodes}
-    for probe in group.probes:
-        if probe.site != "node":
-            continue
-        node = nodes.get(probe.node)
-        if node is not None and node.op != "call_module":
-            start = _flatten_start(node)
-            src = node.args[0] if node.args else None
-            if start == probe.dim and isinstance(src, fx.Node):
-                node = src  # flatten(conv_map, 1): channel c is still axis 1 of the map
-        if node is not None and node.op == "call_module":
-            return str(node.target), probe.dim
-    raise ValueError(
-        f"select_units: group {group.name!r} is observed at {[p.node for p in group.probes]}, none of "
-        "which is a module output; name a module instead"
-    )
-
-
-def select_units(
-    model: nn.Module,
-    layer: str,
-    units: Sequence[int] | int | None = None,
-    *,
-    by: Literal["auto", "module", "group"] = "auto",
-    dim: int | None = None,
-    input_shape: Sequence[int] | None = None,
-    example_input: Tensor | None = None,
-) -> UnitSelection:
-    """Name the units to visualise: a module (or structure group) and unit indices, checked against the model.
-
-    Args:
-        model: the network.
-        layer: a module name from ``model.named_modules()`` (e.g. ``"layers.2"``, ``"blocks.2"``) or a group
-            name of ``discover_structure(model, ...)``.
-        units: unit indices (an int means ``range(units)``); ``None`` means all units.
-        by: ``"module"``, ``"group"``, or ``"auto"`` (a module if such a module exists, else a group).
-        dim: the unit axis of the module output (default 1, channel-first; a group uses its probe's axis).
-            Pass ``-1`` for token sequences ``(N, T, D)``.
-        input_shape: the model's input shape without batch (default: ``model.mergelab_spec``/``input_shape``).
-        example_input: a batch to run once instead of zeros of ``input_shape``.
-
-    Returns:
-        A :class:`UnitSelection`.
-
-    Raises:
-        ValueError: unknown module or group, a unit index out of range, a bad ``dim``.
-
-    Example:
-        >>> from mergelab.models import build_model
-        >>> m = build_model("cnn", (1, 8, 8), 10, width=8)
-        >>> s = select_units(m, "blocks.2", [0, 3])
-        >>> s.module, s.units, s.size
-        ('blocks.2', (0, 3), 8)
-    """
-    if by not in ("auto", "module", "group"):
-        raise ValueError(f"select_units: by={by!r}; choose 'auto', 'module' or 'group'")
-    shape = _input_shape(model, input_shape, example_input)
-    x = example_input[:2] if example_input is not None else torch.zeros(2, *shape)
-    modules = dict(model.named_modules())
-    group_name: str | None = None
-    if by == "module" or (by == "auto" and layer in modules):
-        if layer not in modules:
-            raise ValueError(
-                f"select_units: {type(model).__name__} has no module {layer!r}; modules: {sorted(modules)[:40]}"
-            )
-        module, d = layer, 1 if dim is None else dim
-    else:
-        from mergelab.structure import discover_structure
-
-        structure = discover_structure(model, x)
-        names = [g.name for g in structure]
-        if layer not in names:
-            raise ValueError(
-                f"select_units: {layer!r} is neither a module nor a structure group of {type(model).__name__}; "
-                f"groups: {names}; modules: {sorted(modules)[:40]}"
-            )
-        module, d = _probe_module(model, structure[layer])
-        d = d if dim is None else dim
-        group_name = layer
-    with _eval_mode(model), torch.no_grad():
-        out = _layer_output(model, module, x)
-    if not -out.ndim <= d < out.ndim or d % out.ndim == 0:
-        raise ValueError(
-            f"select_units: dim={d} is not a unit axis of module {module!r} output {tuple(out.shape)}"
-        )
-    size = int(out.shape[d])
-    if units is None:
-        idx: tuple[int, ...] = tuple(range(size))
-    elif isinstance(units, int):
-        idx = tuple(range(units))
-    else:
-        idx = tuple(int(u) for u in units)
-    if not idx:
-        raise ValueError(f"select_units: no units selected in module {module!r}")
-    bad = [u for u in idx if not 0 <= u < size]
-    if bad:
-        raise ValueError(
-            f"select_units: unit index {bad} out of range for module {module!r}, which has {size} units "
-            f"along dim {d} (output {tuple(out.shape)})"
-        )
-    return UnitSelection(module, idx, d, size, shape, group_name)
-
-
-def unit_activations(model: nn.Module, selection: UnitSelection, x: Tensor) -> Tensor:
-    """Activations ``(N, len(units))`` of the selected units on ``x`` (differentiable; caller picks the mode).
-
-    Conv maps and token sequences are averaged over positions, so a channel is one number per input. A module
-    called several times in one forward is read at its first call.
-    """
-    out = _reduce(_layer_output(model, selection.module, x), selection.dim, selection.module)  # (N, size)
-    return out[:, list(selection.units)]
-
-
-# -- Fourier parameterisation --------------------------------------------------------------------------------
-
-
-def fourier_scale(spatial: Sequence[int], decay: float = 1.0) -> Tensor:
-    """Per-frequency scale ``1 / max(|f|, 1/max(spatial))**decay`` on the ``rfftn`` grid, RMS-normalised to 1.
-
-    A spectrum of white noise times this scale is ``1/f`` ("pink") noise: natural-image statistics, so that
-    optimising the spectrum favours smooth inputs. The RMS normalisation keeps the image's scale comparable
-    with the pixel parameterisation.
-
-    Args:
-        spatial: the spatial sizes (``(L,)`` or ``(H, W)``; any number of axes works).
-        decay: the exponent (0 = white, 1 = pink).
-
-    Returns:
-        A real tensor of shape ``(*spatial[:-1], spatial[-1] // 2 + 1)``.
-    """
-    if not spatial:
-        raise ValueError("fourier_scale: need at least one spatial axis")
-    freqs = [torch.fft.fftfreq(n) for n in spatial[:-1]] + [torch.fft.rfftfreq(spatial[-1])]
-    grids = torch.meshgrid(*freqs, indexing="ij")
-    radius = torch.sqrt(sum(g**2 for g in grids))  # type: ignore[arg-type]
-    scale = radius.clamp_min(1.0 / max(spatial)) ** (-float(decay))
-    return scale / scale.pow(2).mean().sqrt()
-
-
-def spectrum_to_image(spectrum: Tensor, spatial: Sequence[int], decay: float = 1.0) -> Tensor:
-    """Image from a scaled spectrum: ``irfftn(spectrum * fourier_scale)`` over the trailing spatial axes.
-
-    Args:
-        spectrum: complex ``(..., *spatial[:-1], spatial[-1] // 2 + 1)``, or real with a trailing axis of 2
-            (real, imaginary) — the form kept as an optimisable parameter.
-        spatial: output spatial sizes (needed: ``rfftn`` loses the parity of the last size).
-        decay: as in :func:`fourier_scale`.
-
-    Returns:
-        The real image ``(..., *spatial)``.
-    """
-    if not spectrum.is_complex():
-        if spectrum.shape[-1] != 2:
-            raise ValueError(
-                f"spectrum_to_image: real spectrum {tuple(spectrum.shape)} needs a last axis of 2"
-            )
-        spectrum = torch.view_as_complex(spectrum.contiguous())
-    scale = fourier_scale(spatial, decay)
-    if tuple(spectrum.shape[-len(spatial) :]) != tuple(scale.shape):
-        raise ValueError(
-            f"spectrum_to_image: spectrum {tuple(spectrum.shape)} does not fit spatial {tuple(spatial)} "
-            f"(expected trailing {tuple(scale.shape)})"
-        )
-    dims = tuple(range(-len(spatial), 0))
-    return torch.fft.irfftn(spectrum * scale, s=tuple(spatial), dim=dims, norm="ortho")
-
-
-def image_to_spectrum(image: Tensor, spatial_dims: int, decay: float = 1.0) -> Tensor:
-    """Inverse of :func:`spectrum_to_image`: the complex scaled spectrum of ``image``'s last ``spatial_dims`` axes.
-
-    Example:
-        >>> import torch
-        >>> x = torch.randn(2, 1, 7, 6)
-        >>> torch.allclose(spectrum_to_image(image_to_spectrum(x, 2), (7, 6)), x, atol=1e-5)
-        True
-    """
-    if not 1 <= spatial_dims <= image.ndim:
-        raise ValueError(f"image_to_spectrum: spatial_dims={spatial_dims} for image {tuple(image.shape)}")
-    spatial = tuple(image.shape[-spatial_dims:])
-    dims = tuple(range(-spatial_dims, 0))
-    return torch.fft.rfftn(image, dim=dims, norm="ortho") / fourier_scale(spatial, decay)
-
-
-# -- activation maximisation ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ActMaxConfig:
-    """Settings of :func:`activation_maximization`.
-
-    Attributes:
-        steps: Adam steps (a fixed number; no early stopping, so runs are comparable).
-        lr: Adam learning rate on the parameterisation.
-        l2: weight of the mean squared input (keeps the input in the data's range; inputs are standardised).
-        tv: weight of the total variation (mean absolute difference of neighbours along each spatial axis).
-        jitter: largest circular shift (positions) along each spatial axis, drawn anew each step.
-        fourier: optimise a ``1/f``-scaled spectrum instead of the pixels.
-        decay: exponent of the ``1/f`` scaling.
-        init_std: standard deviation of the starting noise (in input units).
-        value_range: if given, the image is ``lo + (hi - lo) * sigmoid(z)``: always inside the range.
-        seed: seed of the starting noise and the jitter.
-    """
-
-    steps: int = 200
-    lr: float = 0.05
-    l2: float = 0.1
-    tv: float = 0.1
-    jitter: int = 1
-    fourier: bool = True
-    decay: float = 1.0
-    init_std: float = 0.1
-    value_range: tuple[float, float] | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if (
-            self.steps < 0
-            or self.lr <= 0
-            or self.l2 < 0
-            or self.tv < 0
-            or self.jitter < 0
-            or self.init_std < 0
-        ):
-            raise ValueError(
-                f"ActMaxConfig: steps, lr, l2, tv, jitter, init_std must be non-negative (lr > 0): {self}"
-            )
-        if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
-            raise ValueError(f"ActMaxConfig: value_range {self.value_range} must be (lo, hi) with lo < hi")
-
-
-@dataclass
-class ActMaxResult:
-    """Result of :func:`activation_maximization`.
-
-    Attributes:
-        images: the optimised inputs, ``(U, *input_shape)``, one per unit in ``units`` order.
-        activations: each unit's activation on its own final image (no jitter), ``(U,)``.
-        initial_activations: the same on the starting noise, ``(U,)``.
-        history: each unit's (jittered) activation at every step, ``(U, steps)``.
-        units: the unit indices.
-        module: the module read.
-    """
-
-    images: Tensor
-    activations: Tensor
-    initial_activations: Tensor
-    history: Tensor
-    units: tuple[int, ...]
-    module: str
-
-
-def _tv(img: Tensor, spatial_dims: int) -> Tensor:
-    """Anisotropic total variation per image: mean |neighbour difference|, summed over spatial axes → ``(U,)``."""
-    total = img.new_zeros(img.shape[0])
-    for d in range(img.ndim - spatial_dims, img.ndim):
-        if img.shape[d] > 1:
-            total = total + img.diff(dim=d).abs().flatten(1).mean(1)
-    return total
-
-
-def activation_maximization(
-    model: nn.Module, selection: UnitSelection, config: ActMaxConfig = ActMaxConfig()
-) -> ActMaxResult:
-    """Optimise one input per selected unit to maximise that unit's activation (all units in one batch).
-
-    Loss per unit ``u`` with image ``x_u``: ``-a_u(jitter(x_u)) + l2 * mean(x_u**2) + tv * TV(x_u)``. The model
-    runs in eval mode and its parameters receive no gradient; nothing about it is changed.
-
-    Args:
-        model: the network.
-        selection: from :func:`select_units` (gives the module, units and input shape).
-        config: the regularisers and optimiser settings; same config (seed) → identical images.
-
-    Returns:
-        An :class:`ActMaxResult`.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> net = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.ReLU())
-        >>> sel = select_units(net, "0", input_shape=(1, 12))
-        >>> r = activation_maximization(net, sel, ActMaxConfig(steps=10))
-        >>> tuple(r.images.shape), tuple(r.history.shape)
-        ((4, 1, 12), (4, 10))
-    """
-    cfg = config
-    shape = selection.input_shape
-    spatial = tuple(shape[1:])
-    n = len(selection.units)
-    if cfg.fourier and not spatial:
-        raise ValueError(
-            f"activation_maximization: fourier=True needs a spatial axis; input shape is {shape}"
-        )
-    gen = torch.Generator().manual_seed(int(cfg.seed))
-    if cfg.fourier:
-        freq_shape = (*spatial[:-1], spatial[-1] // 2 + 1)
-        param = cfg.init_std * torch.randn(n, shape[0], *freq_shape, 2, generator=gen)
-    else:
-        param = cfg.init_std * torch.randn(n, *shape, generator=gen)
-    param.requires_grad_(True)
-
-    def to_image(p: Tensor) -> Tensor:
-        z = spectrum_to_image(p, spatial, cfg.decay) if cfg.fourier else p  # (U, *shape)
-        if cfg.value_range is None:
-            return z
-        lo, hi = cfg.value_range
-        return lo + (hi - lo) * torch.sigmoid(z)
-
-    rows = torch.arange(n)
-    spatial_axes = tuple(range(2, 2 + len(spatial)))
-    history = torch.zeros(n, cfg.steps)
-    opt = torch.optim.Adam([param], lr=cfg.lr)
-    with _eval_mode(model):
-        with torch.no_grad():
-            initial = unit_activations(model, selection, to_image(param))[rows, rows].clone()
-        for step in range(cfg.steps):
-            img = to_image(param)
-            x = img
-            if cfg.jitter and spatial:
-                shifts = torch.randint(-cfg.jitter, cfg.jitter + 1, (len(spatial),), generator=gen).tolist()
-                x = torch.roll(img, shifts=shifts, dims=spatial_axes)
-            act = unit_activations(model, selection, x)[rows, rows]  # unit u on image u, (U,)
-            penalty = cfg.l2 * img.pow(2).flatten(1).mean(1)
-            if cfg.tv and spatial:
-                penalty = penalty + cfg.tv * _tv(img, len(spatial))
-            loss = (penalty - act).sum()
-            (grad,) = torch.autograd.grad(loss, [param])  # model parameters get no .grad
-            param.grad = grad
-            opt.step()
-            history[:, step] = act.detach()
-        with torch.no_grad():
-            images = to_image(param).detach()
-            final = unit_activations(model, selection, images)[rows, rows]
-    return ActMaxResult(images, final, initial, history, selection.units, selection.module)
-
-
-# -- data-driven view ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class TopK:
-    """The inputs that activate each unit most.
-
-    Attributes:
-        values: activations, ``(U, k)``, descending (ties: earlier sample first).
-        indices: positions of the samples in the order ``data`` yielded them, ``(U, k)``.
-        examples: the inputs, ``(U, k, *input_shape)``.
-        units: the unit indices.
-    """
-
-    values: Tensor
-    indices: Tensor
-    examples: Tensor
-    units: tuple[int, ...]
-
-    @property
-    def mean(self) -> Tensor:
-        """Mean of each unit's top-k inputs, ``(U, *input_shape)``."""
-        return self.examples.mean(1)
-
-
-@torch.no_grad()
-def top_k_examples(
-    model: nn.Module,
-    selection: UnitSelection,
-    data: Iterable,
-    k: int = 16,
-    *,
-    max_batches: int | None = None,
-) -> TopK:
-    """Stream ``data`` once and keep, per unit, the ``k`` inputs with the largest activation.
-
-    Memory is ``O(U * k)`` inputs whatever the dataset size: each batch is ranked, its best ``k`` per unit are
-    merged with the running best, and the rest is dropped. The order is a total one (value descending, then
-    sample position ascending), so the result equals ranking all activations at once.
-
-    Args:
-        model: the network (run in eval mode).
-        selection: from :func:`select_units`.
-        data: batches ``x`` or ``(x, y)``.
-        k: examples per unit (fewer if the data has fewer samples).
-        max_batches: stop after this many batches.
-
-    Returns:
-        A :class:`TopK`.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> net = nn.Sequential(nn.Linear(3, 2))
-        >>> sel = select_units(net, "0", input_shape=(3,))
-        >>> tk = top_k_examples(net, sel, [torch.randn(5, 3), torch.randn(4, 3)], k=3)
-        >>> tuple(tk.examples.shape), tuple(tk.mean.shape)
-        ((2, 3, 3), (2, 3))
-    """
-    if k < 1:
-        raise ValueError(f"top_k_examples: k must be >= 1, got {k}")
-    best_v: Tensor | None = None  # (U, m)
-    best_i: Tensor | None = None  # (U, m)
-    best_x: Tensor | None = None  # (U, m, *input_shape)
-    seen = 0
-    with _eval_mode(model):
-        for b, batch in enumerate(data):
-            if max_batches is not None and b >= max_batches:
-                break
-            x, _ = split_batch(batch)
-            act = unit_activations(model, selection, x).T.float()  # (U, B)
-            pos = torch.arange(seen, seen + x.shape[0]).expand_as(act)
-            seen += x.shape[0]
-            vb, ob = torch.sort(
-                act, dim=1, descending=True, stable=True
-            )  # ties keep the earlier sample first
-            vb, ob = vb[:, :k], ob[:, :k]
-            cand_v, cand_i, cand_x = vb, pos.gather(1, ob), x[ob]  # x[ob]: (U, kb, *input_shape)
-            if best_v is not None and best_i is not None and best_x is not None:
-                cand_v = torch.cat([best_v, cand_v], 1)
-                cand_i = torch.cat([best_i, cand_i], 1)
-                cand_x = torch.cat([best_x, cand_x], 1)
-            order = torch.sort(cand_v, dim=1, descending=True, stable=True).indices[:, :k]
-            best_v, best_i = cand_v.gather(1, order), cand_i.gather(1, order)
-            best_x = cand_x[torch.arange(order.shape[0])[:, None], order]
-    if best_v is None or best_i is None or best_x is None:
-        raise ValueError("top_k_examples: the data is empty")
-    return TopK(best_v, best_i, best_x, selection.units)
-
-
-@torch.no_grad()
-def unit_correlation(
-    model_a: nn.Module,
-    selection_a: UnitSelection,
-    model_b: nn.Module,
-    selection_b: UnitSelection,
-    data: Iterable,
-    *,
-    max_batches: int | None = None,
-) -> Tensor:
-    """Pearson correlation over ``data`` between unit ``selection_a.units[i]`` of A and ``selection_b.units[i]``
-    of B, streamed (running sums in float64) → ``(U,)``."""
-    if len(selection_a.units) != len(selection_b.units):
-        raise ValueError(
-            f"unit_correlation: {len(selection_a.units)} units of {selection_a.module!r} vs "
-            f"{len(selection_b.units)} of {selection_b.module!r}"
-        )
-    sums = torch.zeros(5, len(selection_a.units), dtype=torch.float64)  # Σa, Σb, Σa², Σb², Σab
-    count = 0
-    with _eval_mode(model_a), _eval_mode(model_b):
-        for b, batch in enumerate(data):
-            if max_batches is not None and b >= max_batches:
-                break
-            x, _ = split_batch(batch)
-            a = unit_activations(model_a, selection_a, x).double()
-            c = unit_activations(model_b, selection_b, x).double()
-            sums += torch.stack([a.sum(0), c.sum(0), (a * a).sum(0), (c * c).sum(0), (a * c).sum(0)])
-            count += x.shape[0]
-    if count < 2:
-        raise ValueError("unit_correlation: need at least 2 samples")
-    ma, mb = sums[0] / count, sums[1] / count
-    cov = sums[4] / count - ma * mb
-    va = (sums[2] / count - ma**2).clamp_min(0)
-    vb = (sums[3] / count - mb**2).clamp_min(0)
-    return (cov / (va * vb).sqrt().clamp_min(1e-12)).float()
 
 
 # -- comparing pictures --------------------------------------------------------------------------------------
@@ -691,7 +125,7 @@ def visual_similarity(x: Tensor, y: Tensor, max_shift: int = 0) -> Tensor:
     if max_shift and spatial_axes:
         ranges = [range(-max_shift, max_shift + 1)] * len(spatial_axes)
         best = torch.full((x.shape[0],), -1.0)
-        for shifts in _product(ranges):
+        for shifts in itertools.product(*ranges):
             best = torch.maximum(best, visual_similarity(x, torch.roll(y, shifts, spatial_axes)))
         return best
     a = x.flatten(1).double()
@@ -700,15 +134,6 @@ def visual_similarity(x: Tensor, y: Tensor, max_shift: int = 0) -> Tensor:
     b = b - b.mean(1, keepdim=True)
     den = (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
     return ((a * b).sum(1) / den).float()
-
-
-def _product(ranges: Sequence[range]) -> Iterator[tuple[int, ...]]:
-    if not ranges:
-        yield ()
-        return
-    for v in ranges[0]:
-        for rest in _product(ranges[1:]):
-            yield (v, *rest)
 
 
 # -- endpoints vs merge --------------------------------------------------------------------------------------
@@ -817,10 +242,7 @@ def _standardize(x: Tensor) -> Tensor:
 def _data_mean(data: Iterable, max_batches: int | None) -> Tensor:
     total: Tensor | None = None
     count = 0
-    for b, batch in enumerate(data):
-        if max_batches is not None and b >= max_batches:
-            break
-        x, _ = split_batch(batch)
+    for x, _ in batches(data, max_batches=max_batches):
         total = x.double().sum(0) if total is None else total + x.double().sum(0)
         count += x.shape[0]
     if total is None:
@@ -834,7 +256,7 @@ def compare_units(
     units: Sequence[int] | int | None = None,
     *,
     data: Iterable | None = None,
-    config: ActMaxConfig = ActMaxConfig(),
+    config: ActMaxConfig = ActMaxConfig(),  # noqa: B008 (a frozen dataclass: immutable)
     k: int = 16,
     by: Literal["auto", "module", "group"] = "auto",
     dim: int | None = None,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergelab.analysis.weight_patterns import FigureResult
-from mergelab.evaluation import predict_logits, split_batch
+from mergelab.evaluation import batches, predict_logits
 
 __all__ = [
     "METRICS",
@@ -283,7 +283,7 @@ def stability_curve(
         [1.0, 1.0]
     """
     models = list(models)
-    labels = torch.cat([_labels(b) for b in data])
+    labels = torch.cat([_labels(y) for _, y in batches(data)])
     label = members if isinstance(members, str) else ",".join(map(str, members))
     references = {name: predict_logits(build(models), data) for name, build in systems.items()}
     rows: list[dict[str, Any]] = []
@@ -376,8 +376,7 @@ def plot_stability(
     return FigureResult(path, n_panels)
 
 
-def _labels(batch: object) -> torch.Tensor:
-    _, y = split_batch(batch)
+def _labels(y: torch.Tensor | None) -> torch.Tensor:
     if y is None:
         raise ValueError("stability_curve: the loader yields no labels; it must yield (x, y)")
     return y

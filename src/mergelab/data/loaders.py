@@ -1,8 +1,9 @@
 """Deterministic loaders, and the two helpers that let every other module accept user loaders.
 
 User loaders yield either ``x`` or ``(x, y)`` (tuples or lists, sometimes with extra items); feature
-collection needs only ``x`` and evaluation needs both, so they go through :func:`batch_inputs` /
-:func:`batch_xy` instead of unpacking batches themselves.
+collection needs only ``x`` and evaluation needs both, so they go through :func:`batch_xy` (also importable as
+``mergelab.evaluation.split_batch``; every loop reads batches with ``mergelab.evaluation.batches``) instead of
+unpacking batches themselves.
 """
 
 from __future__ import annotations
