@@ -132,6 +132,7 @@ def register_method(name: str, *, needs_data: bool = False, paper: str = "") -> 
             # the model, as they always did; ``merge(..., return_info=True)`` gives the MergeResult.
             models = list(models)
             check_inputs(models, {k: v for k, v in options.items() if k != "context"}, op=name)
+            _require_data(METHODS[name], options.get("data"), options.get("context"))  # type: ignore[arg-type]
             out = fn(models, *args, **options)
             return out.model if isinstance(out, MergeResult) else out
 
@@ -200,8 +201,7 @@ def merge(
         data = context.data if data is None else data
         if info.takes_context:
             options["context"] = context
-    if info.needs_data and data is None and not (context is not None and context.has_stats):
-        raise ValueError(f"merge method {method!r} needs data= (a DataLoader yielding x or (x, y))")
+    _require_data(info, data, context)
     t0 = time.perf_counter()
     out = info.fn(models, data=data, **options)
     result = out if isinstance(out, MergeResult) else MergeResult(out)
@@ -210,6 +210,12 @@ def merge(
     if isinstance(seconds, dict):
         seconds["total"] = time.perf_counter() - t0
     return result if return_info else result.model
+
+
+def _require_data(info: MethodInfo, data: object, context: MatchContext | None) -> None:
+    """The one data check of a method (solvers check their own need for statistics)."""
+    if info.needs_data and data is None and not (context is not None and context.has_stats):
+        raise ValueError(f"merge method {info.name!r} needs data= (a DataLoader yielding x or (x, y))")
 
 
 def check_inputs(

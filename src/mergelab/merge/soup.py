@@ -20,7 +20,7 @@ from torch import nn
 
 from mergelab.evaluation import evaluate
 from mergelab.merge.average import average, average_state_dicts, check_same_architecture
-from mergelab.merge.registry import register_method
+from mergelab.merge.registry import MergeResult, register_method
 
 __all__ = [
     "AlignmentUnavailable",
@@ -222,7 +222,7 @@ def greedy_soup(
     *,
     data: Iterable,
     align: str | None = None,
-) -> nn.Module:
+) -> MergeResult:
     """Greedy soup: add members best-first, keeping each only if held-out accuracy does not drop.
 
     Members are sorted by held-out accuracy; the soup starts as the best one, and each next member is kept
@@ -237,7 +237,8 @@ def greedy_soup(
             warning when that method is unavailable.
 
     Returns:
-        A new model; the inputs are untouched.
+        A new model (the inputs are untouched) and ``info``: the kept ``members``, every member's held-out
+        accuracy, the soup's, and whether the members were ``aligned``.
 
     Example:
         >>> import torch, mergelab
@@ -245,9 +246,14 @@ def greedy_soup(
         >>> data = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
         >>> soup = mergelab.merge([nn.Linear(3, 2), nn.Linear(3, 2)], method="greedy_soup", data=data)
     """
-    if data is None:
-        raise ValueError("greedy_soup needs data= (a held-out loader of (x, y) batches)")
-    return greedy_soup_result(models, data, align=align).model
+    res = greedy_soup_result(models, data, align=align)
+    info = {
+        "members": res.members,
+        "member_accuracies": res.member_accuracies,
+        "heldout_accuracy": res.heldout_accuracy,
+        "aligned": res.aligned,
+    }
+    return MergeResult(res.model, info)
 
 
 def _try_align(
