@@ -82,21 +82,31 @@ class MethodInfo:
 
 
 def _arg_help(doc: str) -> dict[str, str]:
-    """``name → first line of help`` from a Google-style ``Args:`` section (``a, b: help`` names several)."""
+    """``name → first sentence of its help`` from a Google-style ``Args:`` section (``a, b: help`` names several;
+    continuation lines are joined; reST double backticks dropped)."""
     out: dict[str, str] = {}
+    names: list[str] = []
     in_args = False
     for line in doc.splitlines():
         if line.strip() in ("Args:", "Arguments:"):
             in_args = True
             continue
-        if in_args:
-            if line and not line.startswith(" "):
-                break
-            m = re.match(r"^    ([\w, *]+):\s*(.*)$", line)
-            if m:
-                text = m.group(2).strip()
-                for name in m.group(1).split(","):
-                    out[name.strip().lstrip("*")] = text
+        if not in_args:
+            continue
+        if line and not line.startswith(" "):
+            break
+        m = re.match(r"^    ([\w, *]+):\s*(.*)$", line)
+        if m:
+            names = [n.strip().lstrip("*") for n in m.group(1).split(",")]
+            for n in names:
+                out[n] = m.group(2).strip()
+        elif line.startswith("        ") and names:
+            for n in names:
+                out[n] = f"{out[n]} {line.strip()}"
+    for n, text in out.items():
+        text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text.replace("``", ""))
+        end = re.search(r"(?<!e\.g)(?<!i\.e)\.(\s|$)", text)
+        out[n] = text[: end.start() + 1] if end else text
     return out
 
 
