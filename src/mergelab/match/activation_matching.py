@@ -21,6 +21,7 @@ from mergelab.match.features import FeatureStats, collect_features
 from mergelab.match.lap import IMPROVEMENT_RTOL, Perms, assignment_value, identity_perms, solve_tie
 from mergelab.match.registry import register_solver
 from mergelab.match.similarity import SimilarityKind, activation_similarity
+from mergelab.match.weight_matching import merge_many_rounds
 from mergelab.merge.alignment import Alignment
 from mergelab.structure.types import Structure
 
@@ -112,34 +113,24 @@ def match_activations(
                 perms[i][g] = p
     info: dict = {"method": "activation_matching", "similarity": similarity, "reference": reference}
     if merge_many:
-        gen = torch.Generator().manual_seed(seed)
-        rounds, converged = 0, False
-        for r in range(max_iter):
-            rounds = r + 1
+
+        def rematch(i: int, _round: int) -> bool:
+            weights = {j: coefs[j] / sum(coefs[k] for k in range(n) if k != i) for j in range(n) if j != i}
             changed = False
-            for i in torch.randperm(n, generator=gen).tolist():
-                weights = {
-                    j: coefs[j] / sum(coefs[k] for k in range(n) if k != i) for j in range(n) if j != i
-                }
-                for tie in ties:
-                    sims = [
-                        _mean_similarity(stats, g, i, [perms[j][g] for j in range(n)], weights, similarity)
-                        for g in tie
-                    ]
-                    new = solve_tie(structure, tie, sims)
-                    old_v, new_v = (
-                        assignment_value(sims, [perms[i][g] for g in tie]),
-                        assignment_value(sims, new),
-                    )
-                    if new_v > old_v + IMPROVEMENT_RTOL * max(1.0, abs(old_v)):
-                        for g, p in zip(tie, new, strict=True):
-                            perms[i][g] = p
-                        changed = True
-            logger.info("activation merge many: round %d, changed=%s", rounds, changed)
-            if not changed:
-                converged = True
-                break
-        info.update({"merge_many": True, "rounds": rounds, "converged": converged})
+            for tie in ties:
+                sims = [
+                    _mean_similarity(stats, g, i, [perms[j][g] for j in range(n)], weights, similarity)
+                    for g in tie
+                ]
+                new = solve_tie(structure, tie, sims)
+                old_v, new_v = assignment_value(sims, [perms[i][g] for g in tie]), assignment_value(sims, new)
+                if new_v > old_v + IMPROVEMENT_RTOL * max(1.0, abs(old_v)):
+                    for g, p in zip(tie, new, strict=True):
+                        perms[i][g] = p
+                    changed = True
+            return changed
+
+        info.update(merge_many_rounds(n, max_iter, seed, rematch, "activation matching"))
     matched = {}
     for g in structure:
         vals = [

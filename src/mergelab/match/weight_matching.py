@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -376,6 +376,27 @@ def _permuted_params(structure: Structure, params: Mapping[str, Tensor], perms: 
     return {k: permute_tensor(v, axes[k]) if k in axes else v for k, v in params.items()}
 
 
+def merge_many_rounds(
+    n: int, max_iter: int, seed: int, rematch: Callable[[int, int], bool], what: str
+) -> dict:
+    """Re-Basin's MergeMany schedule: rounds that visit the ``n`` models in a random order (``seed``), where
+    ``rematch(i, round)`` re-aligns model ``i`` to the others and says whether it changed; stops after a round
+    that changes nothing (or ``max_iter`` rounds). Returns the ``info`` entries ``merge_many``, ``rounds``,
+    ``converged``."""
+    gen = torch.Generator().manual_seed(seed)
+    rounds, converged = 0, False
+    for r in range(max_iter):
+        rounds = r + 1
+        changed = False
+        for i in torch.randperm(n, generator=gen).tolist():
+            changed = rematch(i, r) or changed
+        logger.info("%s, merge many: round %d, changed=%s", what, rounds, changed)
+        if not changed:
+            converged = True
+            break
+    return {"merge_many": True, "rounds": rounds, "converged": converged}
+
+
 def match_weights_many(
     structure: Structure,
     models: Sequence[nn.Module],
@@ -425,37 +446,30 @@ def match_weights_many(
             )
     info: dict = {"method": "weight_matching", "reference": reference, "per_model": infos}
     if merge_many:
-        gen = torch.Generator().manual_seed(seed)
-        rounds, converged = 0, False
-        for r in range(max_iter):
-            rounds = r + 1
-            changed = False
-            for i in torch.randperm(n, generator=gen).tolist():
-                others = [j for j in range(n) if j != i]
-                total = sum(coefs[j] for j in others)
-                target = {k: torch.zeros_like(v) for k, v in params[i].items()}
-                for j in others:
-                    pj = _permuted_params(structure, params[j], perms[j])
-                    for k in target:
-                        target[k] += (coefs[j] / total) * pj[k]
-                new, _ = _weight_matching(
-                    structure,
-                    target,
-                    params[i],
-                    max_iter=max_iter,
-                    seed=seed + r,
-                    init=perms[i],
-                    tol=tol,
-                    lap=lap,
-                )
-                if any(not torch.equal(new[g], perms[i][g]) for g in new):
-                    changed = True
-                perms[i] = new
-            logger.info("merge many: round %d, changed=%s", rounds, changed)
-            if not changed:
-                converged = True
-                break
-        info.update({"merge_many": True, "rounds": rounds, "converged": converged})
+
+        def rematch(i: int, r: int) -> bool:
+            others = [j for j in range(n) if j != i]
+            total = sum(coefs[j] for j in others)
+            target = {k: torch.zeros_like(v) for k, v in params[i].items()}
+            for j in others:
+                pj = _permuted_params(structure, params[j], perms[j])
+                for k in target:
+                    target[k] += (coefs[j] / total) * pj[k]
+            new, _ = _weight_matching(
+                structure,
+                target,
+                params[i],
+                max_iter=max_iter,
+                seed=seed + r,
+                init=perms[i],
+                tol=tol,
+                lap=lap,
+            )
+            changed = any(not torch.equal(new[g], perms[i][g]) for g in new)
+            perms[i] = new
+            return changed
+
+        info.update(merge_many_rounds(n, max_iter, seed, rematch, "weight matching"))
     return Alignment.from_permutations(structure, perms, coefs, info)
 
 
