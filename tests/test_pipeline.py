@@ -11,10 +11,10 @@ from mergelab.match import context as context_module
 from mergelab.match.context import MatchContext, match_context
 from mergelab.match.registry import SOLVERS, get_solver, register_solver
 from mergelab.merge.aligned import align, align_to, merge_aligned
-from mergelab.merge.alignment import Alignment
 from mergelab.merge.registry import MergeResult
 from mergelab.models import build_model
 from mergelab.structure import permute
+from mergelab.structure.alignment import Alignment
 
 SHAPE = (1, 4, 4)
 

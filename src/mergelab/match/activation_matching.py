@@ -22,7 +22,7 @@ from mergelab.match.lap import IMPROVEMENT_RTOL, Perms, assignment_value, identi
 from mergelab.match.registry import register_solver
 from mergelab.match.similarity import SimilarityKind, activation_similarity
 from mergelab.match.weight_matching import merge_many_rounds
-from mergelab.merge.alignment import Alignment
+from mergelab.structure.alignment import Alignment
 from mergelab.structure.types import Structure
 
 __all__ = ["activation_solver", "match_activations"]

@@ -2,7 +2,7 @@
 
 A :class:`MatchContext` holds the models, their :class:`~mergelab.structure.types.Structure`, the data and the
 activation statistics (:class:`~mergelab.match.features.FeatureStats`), collected lazily on first use and
-cached. Solvers map a context to an :class:`~mergelab.merge.alignment.Alignment`, so one context serves weight
+cached. Solvers map a context to an :class:`~mergelab.structure.alignment.Alignment`, so one context serves weight
 matching, activation matching, ZipIt! and MuDSC alike — a study comparing methods discovers the structure and
 streams the statistics once, and MuDSC's alpha search re-solves on the same statistics.
 
@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from mergelab.evaluation import split_batch
 from mergelab.match.features import FeatureStats, collect_features
-from mergelab.merge.average import check_same_architecture, normalize_coefficients
-from mergelab.structure.types import Axis, Group, Structure
+from mergelab.structure.checks import check_same_architecture, normalize_coefficients
+from mergelab.structure.types import Structure
 
 __all__ = ["MatchContext", "check_compatible", "check_models", "example_input_for", "match_context"]
 
@@ -144,14 +144,6 @@ def example_input_for(
     )
 
 
-def _axes_by_param(structure: Structure) -> dict[str, list[tuple[Group, Axis]]]:
-    out: dict[str, list[tuple[Group, Axis]]] = {}
-    for g in structure:
-        for a in g.axes:
-            out.setdefault(a.param, []).append((g, a))
-    return out
-
-
 def check_compatible(models: Sequence[nn.Module], structure: Structure, op: str = "merge") -> None:
     """Raise ``ValueError`` (naming the tensor) unless the models can be merged along ``structure``.
 
@@ -167,7 +159,7 @@ def check_compatible(models: Sequence[nn.Module], structure: Structure, op: str 
         if set(sd) != set(sds[0]):
             diff = sorted(set(sd) ^ set(sds[0]))[:5]
             raise ValueError(f"{op}: model {i} has different tensors than model 0, e.g. {diff}")
-    axes = _axes_by_param(structure)
+    axes = structure.param_axes
     for key in sds[0]:
         shapes = [tuple(sd[key].shape) for sd in sds]
         items = axes.get(key, [])

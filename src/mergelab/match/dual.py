@@ -32,20 +32,12 @@ from mergelab.match.group_match import (
 from mergelab.match.registry import register_solver
 from mergelab.match.similarity import float_parameters, unit_matrix
 from mergelab.match.zip import zip_tie
-from mergelab.merge.alignment import Alignment
-from mergelab.structure.types import Axis, Group, Structure
+from mergelab.structure.alignment import Alignment
+from mergelab.structure.types import Axis, Structure
 
 __all__ = ["dual_similarity", "dual_solver", "mudsc_alignment", "weight_vector_similarity"]
 
 logger = logging.getLogger(__name__)
-
-
-def _param_axes(structure: Structure) -> dict[str, list[tuple[Group, Axis]]]:
-    out: dict[str, list] = {}
-    for g in structure:
-        for a in g.axes:
-            out.setdefault(a.param, []).append((g, a))
-    return out
 
 
 def weight_vector_similarity(
@@ -77,7 +69,7 @@ def weight_vector_similarity(
     g = structure[group]
     matches = dict(matches or {})
     skip = set(exclude)
-    axes = _param_axes(structure)
+    axes = structure.param_axes
     per_model: list[list[Tensor]] = [[] for _ in params]
     for axis in g.axes:
         if axis.param in skip or axis.param not in params[0]:

@@ -3,7 +3,7 @@
 Matchers on *joint* similarity matrices (ZipIt!, MuDSC) work per group on the units of all ``N`` models
 concatenated (model 0's ``n_0`` units, then model 1's, …), an ``O × O`` matrix with ``O = Σ n_i`` — within-model
 blocks included. A match says which merged unit each joint unit goes to; from it come the merge matrices ``M_i``
-(k × n_i) and unmerge matrices ``U_i`` (n_i × k) of the :class:`~mergelab.merge.alignment.Alignment` contract, so
+(k × n_i) and unmerge matrices ``U_i`` (n_i × k) of the :class:`~mergelab.structure.alignment.Alignment` contract, so
 one ``apply`` handles permutations and zips alike:
 
 * ``U_i[u, c] = 1`` when model ``i``'s unit ``u`` is in merged unit ``c`` (the merged feature is read back into
@@ -25,8 +25,8 @@ from torch import Tensor
 
 from mergelab.match.features import FeatureStats
 from mergelab.match.lap import solve_block_lap, solve_lap, solve_tie
-from mergelab.merge.alignment import Alignment
-from mergelab.merge.average import normalize_coefficients
+from mergelab.structure.alignment import Alignment
+from mergelab.structure.checks import normalize_coefficients
 from mergelab.structure.types import Structure
 
 __all__ = [

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mergelab.match.context import MatchContext
-    from mergelab.merge.alignment import Alignment
+    from mergelab.structure.alignment import Alignment
 
 __all__ = ["SOLVERS", "SolverInfo", "get_solver", "list_solvers", "register_solver"]
 
@@ -105,6 +105,6 @@ def identity_solver(ctx: MatchContext, *, coefficients: Sequence[float] | None =
     Args:
         coefficients: averaging weights (uniform by default).
     """
-    from mergelab.merge.alignment import identity_alignment
+    from mergelab.structure.alignment import identity_alignment
 
     return identity_alignment(ctx.structure, ctx.num_models, coefficients)

@@ -1,7 +1,7 @@
 """Git Re-Basin weight matching: coordinate descent of LAPs over ties, for two models and for N (MergeMany).
 
 Conventions: a solved permutation ``perm`` of model ``b`` says merged unit ``j`` (= the reference's unit ``j``)
-is model ``b``'s unit ``perm[j]``; :class:`~mergelab.merge.alignment.Alignment` stores it as ``M = λ P`` with
+is model ``b``'s unit ``perm[j]``; :class:`~mergelab.structure.alignment.Alignment` stores it as ``M = λ P`` with
 ``P[j, perm[j]] = 1``.
 
 Git Re-Basin's coordinate descent with three changes (see ``docs/alignment.md`` for the measurements):
@@ -47,8 +47,9 @@ from mergelab.match.lap import (
 )
 from mergelab.match.registry import register_solver
 from mergelab.match.similarity import WeightSimilarity, float_parameters, weight_objective
-from mergelab.merge.alignment import Alignment, permute_tensor
-from mergelab.merge.average import check_same_architecture
+from mergelab.structure.alignment import Alignment
+from mergelab.structure.checks import check_same_architecture
+from mergelab.structure.transform import permute_tensor
 from mergelab.structure.types import Structure
 
 __all__ = ["DEFAULT_TOL", "StartKind", "match_weights", "match_weights_many", "weight_solver"]
@@ -369,11 +370,11 @@ def match_weights(
 
 
 def _permuted_params(structure: Structure, params: Mapping[str, Tensor], perms: Mapping[str, Tensor]) -> dict:
-    axes: dict[str, list] = {}
-    for g in structure:
-        for a in g.axes:
-            axes.setdefault(a.param, []).append((a, perms[g.name]))
-    return {k: permute_tensor(v, axes[k]) if k in axes else v for k, v in params.items()}
+    axes = structure.param_axes
+    return {
+        k: permute_tensor(v, [(a, perms[g.name]) for g, a in axes[k]]) if k in axes else v
+        for k, v in params.items()
+    }
 
 
 def merge_many_rounds(

@@ -40,7 +40,7 @@ from mergelab.match.group_match import (
 )
 from mergelab.match.lap import solve_block_lap
 from mergelab.match.registry import register_solver
-from mergelab.merge.alignment import Alignment
+from mergelab.structure.alignment import Alignment
 from mergelab.structure.types import Structure
 
 __all__ = ["zip_alignment", "zip_match", "zip_solver", "zip_tie"]

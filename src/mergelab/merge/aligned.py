@@ -6,7 +6,7 @@ multi-head variants, with BatchNorm reset or REPAIR — is a configuration of :f
 1. a :class:`~mergelab.match.context.MatchContext` (structure discovered once, activation statistics streamed
    once and cached; pass ``context=`` to share them between methods);
 2. a solver of :data:`~mergelab.match.registry.SOLVERS` maps it to an
-   :class:`~mergelab.merge.alignment.Alignment` (``select=`` tries several option values and keeps the one whose
+   :class:`~mergelab.structure.alignment.Alignment` (``select=`` tries several option values and keeps the one whose
    merged model scores best on held-out labelled data — MuDSC's choice of ``alpha``);
 3. the merged model: the plain architecture, or a multi-head model (``heads="concat"``: one head per model;
    ``partial=L``: only the first ``L`` groups merged, see :mod:`mergelab.merge.partial`);
@@ -34,12 +34,12 @@ from mergelab.match.lap import LapMethod
 from mergelab.match.registry import get_solver
 from mergelab.match.similarity import SimilarityKind
 from mergelab.match.weight_matching import DEFAULT_TOL, StartKind
-from mergelab.merge.alignment import Alignment, apply_alignment, to_basis
 from mergelab.merge.partial import build_multihead, merged_groups
 from mergelab.merge.registry import MergeResult, register_method
 from mergelab.merge.repair import repair as repair_stats
 from mergelab.merge.repair import reset_batchnorm
 from mergelab.merge.selection import Candidates, select_options
+from mergelab.structure.alignment import Alignment, apply_alignment, to_basis
 from mergelab.structure.types import Structure
 
 __all__ = [
@@ -108,7 +108,7 @@ def build_merged(
 def endpoint_alignment(alignment: Alignment, model: int) -> Alignment:
     """Model ``model`` alone, written in ``alignment``'s merged basis: ``M_i = U_iᵀ``, every other ``M_j = 0``.
 
-    Applying it (:func:`~mergelab.merge.alignment.apply_alignment` or :func:`build_merged`) gives the endpoint as
+    Applying it (:func:`~mergelab.structure.alignment.apply_alignment` or :func:`build_merged`) gives the endpoint as
     a point of the merged parameter space. For a permutation alignment that is exactly the model, permuted (same
     function; :func:`align_to` is the fast route for the plain architecture); for a zip it sums the model's units
     that share a merged unit, an approximation.
@@ -118,7 +118,7 @@ def endpoint_alignment(alignment: Alignment, model: int) -> Alignment:
         model: index of the endpoint.
 
     Returns:
-        A new :class:`~mergelab.merge.alignment.Alignment` with one-hot coefficients.
+        A new :class:`~mergelab.structure.alignment.Alignment` with one-hot coefficients.
     """
     n = alignment.num_models
     if not 0 <= model < n:
@@ -328,7 +328,7 @@ def align(
         **options: the solver's options (``coefficients``, ``reference``, ``merge_many``, ``max_iter``, ``seed``…).
 
     Returns:
-        An :class:`~mergelab.merge.alignment.Alignment`; for permutations,
+        An :class:`~mergelab.structure.alignment.Alignment`; for permutations,
         ``to_basis(models[i], al.structure, al.perms[i])`` brings model ``i`` into the merged basis.
     """
     solver = METHOD_SOLVERS.get(method, method)

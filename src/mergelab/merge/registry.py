@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 if TYPE_CHECKING:
     from mergelab.match.context import MatchContext
-    from mergelab.merge.alignment import Alignment
+    from mergelab.structure.alignment import Alignment
 
 MergeFn = Callable[..., "nn.Module | MergeResult"]
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mergelab.evaluation import split_batch
-from mergelab.merge.alignment import Alignment
+from mergelab.structure.alignment import Alignment
 
 __all__ = ["Candidates", "candidates", "select_options", "selection_score"]
 

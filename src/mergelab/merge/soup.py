@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from mergelab.evaluation import evaluate
-from mergelab.merge.average import average, average_state_dicts, check_same_architecture
+from mergelab.merge.average import average, average_state_dicts
 from mergelab.merge.registry import MergeResult, register_method
+from mergelab.structure.checks import check_same_architecture
 
 __all__ = [
     "AlignmentUnavailable",
@@ -106,7 +107,7 @@ def align_models(
     """
     from mergelab.match.registry import get_solver
     from mergelab.merge.aligned import METHOD_SOLVERS, align
-    from mergelab.merge.alignment import to_basis
+    from mergelab.structure.alignment import to_basis
 
     models = list(models)
     check_same_architecture(models, "align_models")
