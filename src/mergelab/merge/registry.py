@@ -207,6 +207,10 @@ def merge(
         raise ValueError("merge: got no models")
     check_inputs(models, options, op=f"merge({method})")
     if context is not None:
+        if not callable(getattr(context, "check_models", None)):
+            raise TypeError(
+                f"merge({method}): context= must be a MatchContext (mergelab.match_context(models, data))"
+            )
         context.check_models(models, f"merge({method})")
         data = context.data if data is None else data
         if info.takes_context:
