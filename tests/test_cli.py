@@ -257,7 +257,13 @@ def test_late_phase_bad_options_are_named(tmp_path: Path, capsys: pytest.Capture
 
 
 @pytest.mark.parametrize(
-    "method,options", [("zipit", ["alpha=0.5", "beta=1"]), ("mudsc", ["alpha=0.5", "mode=zip"])]
+    "method,options",
+    [
+        ("zipit", ["alpha=0.5", "beta=1"]),
+        ("mudsc", ["alpha=0.5", "mode=zip"]),
+        ("weight_matching", ["tol=0", "start=identity"]),  # streamed, with the solver's own options
+        ("weight_matching", ["heads=concat"]),  # a multi-head merge is built in memory
+    ],
 )
 def test_merge_zipit_and_mudsc(
     two_runs: tuple[Path, Path], tmp_path: Path, method: str, options: list[str]

@@ -196,7 +196,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.coefficients:
         options["coefficients"] = list(parse_value("--coefficients", args.coefficients, tuple[float, ...]))
     out = run_dir.open()  # a temporary sibling, renamed into place when complete (main() drops it on error)
-    if args.method in _STREAMED and not args.repair:
+    if args.method in _STREAMED and not args.repair and not {"heads", "partial"} & set(options):
         _merge_streamed(args, options, out)
         run_dir.commit()
         print(f"merged ({args.method}, streamed) → {args.out}")
@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge checkpoints: mergelab run folders, .safetensors files or Hugging Face folders "
         "(sharded or not). average, task_arithmetic, ties, dare, weight_matching and activation_matching stream "
         "tensor by tensor and write sharded safetensors (Hugging Face folders stay loadable with from_pretrained); the other "
-        "methods, and --repair, load zoo models into memory.",
+        "methods, --repair and the heads=/partial= options load zoo models into memory.",
     )
     p.add_argument("checkpoints", nargs="+", help="checkpoints: run folders, .safetensors files, HF folders")
     p.add_argument("--method", default="average", help="merge method (see `mergelab list`)")
