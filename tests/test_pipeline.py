@@ -82,6 +82,10 @@ def test_merge_returns_a_result_only_when_asked() -> None:
     assert isinstance(res, MergeResult) and _same(plain, res.model)
     assert res.info["method"] == "weight_matching" and res.info["solver"] == "weight"
     assert res.info["per_model"][1]["iterations"] >= 1 and res.info["fixed"] == []
+    assert (
+        res.info["iterations"][1] == res.info["per_model"][1]["iterations"]
+        and res.info["objective"][0] is None
+    )
     assert isinstance(res.alignment, Alignment) and res.alignment.perms is not None
 
 

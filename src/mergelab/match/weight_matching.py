@@ -426,7 +426,9 @@ def match_weights_many(
             :func:`match_weights`; MergeMany's rounds start from the current permutations).
 
     Returns:
-        A permutation :class:`Alignment` of all models.
+        A permutation :class:`Alignment` of all models; ``info`` holds ``per_model`` (each model's
+        :func:`match_weights` info against the reference), ``objective`` and ``iterations`` per model, and with
+        ``merge_many`` the ``rounds`` run and whether they ``converged``.
     """
     models, coefs = check_models(models, reference, coefficients, "match_weights_many")
     n = len(models)
@@ -445,7 +447,14 @@ def match_weights_many(
                 lap=lap,
                 start=start,
             )
-    info: dict = {"method": "weight_matching", "reference": reference, "per_model": infos}
+    info: dict = {
+        "method": "weight_matching",
+        "reference": reference,
+        "per_model": infos,
+        # per model, its final objective against the reference and its iterations (the reference: None, 0)
+        "objective": [inf["objective"][-1] if inf else None for inf in infos],
+        "iterations": [inf.get("iterations", 0) for inf in infos],
+    }
     if merge_many:
 
         def rematch(i: int, r: int) -> bool:
