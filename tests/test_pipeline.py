@@ -72,6 +72,10 @@ def test_a_context_shares_structure_and_statistics_across_methods(counted: list[
     assert mergelab.merge(models, method="average", context=ctx, return_info=True).info["method"] == "average"
     with pytest.raises(ValueError, match="context"):
         mergelab.merge([_mlp(0), _mlp(1)], method="zipit", context=ctx)  # other model objects
+    with pytest.raises(ValueError, match="max_batches"):
+        mergelab.merge(
+            models, method="zipit", context=ctx, max_batches=1
+        )  # the context decides what it streams
 
 
 def test_merge_returns_a_result_only_when_asked() -> None:

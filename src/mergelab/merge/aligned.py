@@ -200,6 +200,13 @@ def _context(
             models, data, structure=structure, example_input=example_input, max_batches=max_batches, op=op
         )
     context.check_models(models, op)
+    if structure is not None and structure is not context.structure:
+        raise ValueError(f"{op}: structure= differs from the context's; give it to match_context instead")
+    if max_batches is not None and max_batches != context.max_batches:
+        raise ValueError(
+            f"{op}: max_batches={max_batches} but the context streams max_batches={context.max_batches}; "
+            "give it to match_context instead"
+        )
     return context
 
 
