@@ -179,8 +179,6 @@ def mudsc_alignment(
         An :class:`Alignment`; ``info`` holds ``alpha``, ``passes``, ``converged`` and the value history.
     """
     models = list(models)
-    if len(models) < 2:
-        raise ValueError(f"mudsc_alignment: need at least 2 models, got {len(models)}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"mudsc_alignment: alpha={alpha} must be in [0, 1]")
     if mode not in ("zip", "align"):

@@ -311,8 +311,6 @@ def zip_alignment(
     if solver not in ("zip", "permute"):
         raise ValueError(f"zip_alignment: unknown solver {solver!r}; choose 'zip' or 'permute'")
     models = list(models)
-    if len(models) < 2:
-        raise ValueError(f"zip_alignment: need at least 2 models, got {len(models)}")
     ctx = match_context(
         models, data, structure=structure, max_batches=max_batches, stats=stats, op="zip_alignment"
     )
