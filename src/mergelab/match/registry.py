@@ -53,7 +53,9 @@ class SolverInfo:
         return tuple(p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD)
 
     def __call__(self, ctx: MatchContext, **options: Any) -> Alignment:
-        unknown = sorted(set(options) - set(self.options))
+        params = inspect.signature(self.fn).parameters.values()
+        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        unknown = [] if open_ended else sorted(set(options) - set(self.options))
         if unknown:
             raise TypeError(
                 f"solver {self.name!r}: unknown option(s) {unknown}; valid options: {list(self.options)}"
