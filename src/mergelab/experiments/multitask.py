@@ -199,9 +199,10 @@ def merge_pair(job: dict[str, Any]) -> dict[str, Any]:
     """One merge job: every method on one seed pair; returns table rows, the alpha sweep and the landscape."""
     from mergelab.analysis.landscape import endpoint_alignment, loss_plane
     from mergelab.analysis.tasks import TaskSet, evaluate_multitask
+    from mergelab.match.dual import mudsc_alignment
     from mergelab.match.features import collect_features
     from mergelab.match.solvers import match_activations, match_weights_many
-    from mergelab.match.zip import mudsc_alignment, zip_alignment
+    from mergelab.match.zip import zip_alignment
     from mergelab.merge.partial import ClassEmbeddingModel, build_multihead, class_embeddings
     from mergelab.merge.zipit import build_merged, head_params
     from mergelab.structure import discover_structure

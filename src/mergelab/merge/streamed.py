@@ -231,7 +231,9 @@ def _aligned_kernel(
     from mergelab.merge.aligned import align
     from mergelab.structure.alignment import merge_tensor
 
+    # the method's options that make sense tensor by tensor (heads, partial and repair need the models in memory)
     allowed = {"coefficients", "reference", "merge_many", "max_iter", "seed", "structure", "max_batches"}
+    allowed |= {"tol", "lap", "start"} if method == "weight_matching" else {"similarity"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise TypeError(f"{op}: unknown option(s) {unknown}; valid options: {sorted(allowed)}")
