@@ -45,7 +45,8 @@ from torch.utils.data import DataLoader
 from mergelab import io
 from mergelab.analysis.interpolate import interpolate
 from mergelab.data import load_dataset
-from mergelab.match.solvers import DEFAULT_TOL, match_activations, match_weights
+from mergelab.match.activation_matching import match_activations
+from mergelab.match.weight_matching import DEFAULT_TOL, match_weights
 from mergelab.models import build_model
 from mergelab.report import markdown_table
 from mergelab.structure import discover_structure

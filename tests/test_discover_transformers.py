@@ -167,7 +167,7 @@ def test_vit_image_classification() -> None:
 
 def test_activation_statistics_on_gpt2() -> None:
     """Probes are module hooks, so activation matching runs on the eager transformers model."""
-    from mergelab.match.solvers import match_activations
+    from mergelab.match.activation_matching import match_activations
 
     torch.manual_seed(0)
     model = _hf_tiny.gpt2(n_layer=1).eval()

@@ -333,7 +333,7 @@ def _lap_value(sim: torch.Tensor, perm: torch.Tensor) -> float:
 def test_sparse_lap_is_exact_and_warm_starts(n: int) -> None:
     from scipy.optimize import linear_sum_assignment
 
-    from mergelab.match.solvers import solve_lap_warm
+    from mergelab.match.lap import solve_lap_warm
 
     for name, sim in _lap_cases(n, n).items():
         r, c = linear_sum_assignment(sim.double().numpy(), maximize=True)
@@ -373,7 +373,7 @@ def test_auto_lap_uses_the_sparse_path_only_where_it_pays() -> None:
 
 
 def test_solve_lap_methods_and_errors() -> None:
-    from mergelab.match.solvers import solve_lap_warm
+    from mergelab.match.lap import solve_lap_warm
 
     sim = _lap_cases(30, 3)["gaussian"]
     assert _lap_value(sim, solve_lap(sim, method="dense")) == pytest.approx(

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 import mergelab
+from mergelab.match.activation_matching import match_activations
 from mergelab.match.dual import dual_similarity, mudsc_alignment, weight_vector_similarity
 from mergelab.match.features import collect_features
 from mergelab.match.group_match import GroupMatch, joint_activation_similarity, permutation_match
 from mergelab.match.similarity import float_parameters
-from mergelab.match.solvers import match_activations
 from mergelab.match.zip import zip_alignment, zip_match
 from mergelab.models import build_model
 from mergelab.structure import discover_structure, permute, random_permutations

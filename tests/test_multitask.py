@@ -15,7 +15,7 @@ from mergelab.analysis.landscape import endpoint_alignment, loss_plane, plane_co
 from mergelab.analysis.tasks import TaskSet, evaluate_multitask, multitask_metrics, normalized_accuracy
 from mergelab.data import split_classes
 from mergelab.evaluation import evaluate
-from mergelab.match.solvers import match_activations
+from mergelab.match.activation_matching import match_activations
 from mergelab.merge.partial import ClassEmbeddingModel, build_multihead, class_embeddings
 from mergelab.models import build_model
 from mergelab.structure import discover_structure
