@@ -35,18 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from mergelab.analysis.verdict import Claim, claim
-from mergelab.experiments._study import (
-    apply_preset,
-    check_data_root,
-    load_study_data,
-    resolve_device,
-    to_device,
-)
+from mergelab.experiments._study import apply_preset, check_data_root, load_study_data, resolve_device
+from mergelab.experiments._training import DataSpec, ModelSpec, TrainJob, run_train_job
 from mergelab.experiments.runner import Executor, register_study
 from mergelab.report import Report, mean_std
+from mergelab.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -115,70 +111,65 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# --------------------------------------------------------------------------------------------------- data
+# --------------------------------------------------------------------------------------------------- jobs
 
 
-def _task_data(
-    dataset: str, split: int, holdout: float, root: str = ""
-) -> tuple[Any, TensorDataset, TensorDataset, tuple]:
-    """The dataset, its fit / held-out parts of the training split (global labels), and the two class groups."""
+def _task_groups(dataset: str, split: int, root: str = "") -> tuple[tuple[int, ...], ...]:
+    """The class groups of the tasks: ``[0, split)`` and ``[split, num_classes)``."""
     data = load_study_data(dataset, root)
     if not 0 < split < data.num_classes:
         raise ValueError(f"multitask: split={split} must be in (0, {data.num_classes}) for {dataset!r}")
-    if not 0.0 < holdout < 0.5:
-        raise ValueError(f"multitask: holdout={holdout} must be in (0, 0.5)")
-    x, y = data.train.tensors[:2]
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(_HOLDOUT_SEED))
-    n_hold = max(1, int(round(holdout * len(x))))
-    hold = TensorDataset(x[perm[:n_hold]], y[perm[:n_hold]])
-    fit = TensorDataset(x[perm[n_hold:]], y[perm[n_hold:]])
-    groups = (tuple(range(split)), tuple(range(split, data.num_classes)))
-    return data, fit, hold, groups
+    return tuple(range(split)), tuple(range(split, data.num_classes))
 
 
 def _model_kwargs(arch: str, width: int, depth: int) -> dict[str, Any]:
     return {"width": width, "depth": depth} if arch in ("mlp", "cnn") else {"width": width}
 
 
-def _build(
-    job: dict[str, Any], input_shape: tuple[int, ...], num_classes: int, classes: tuple[int, ...]
-) -> nn.Module:
-    """A fresh model for one task: own head (``concat``) or projection onto fixed class vectors (``embedding``)."""
-    from mergelab.merge.partial import ClassEmbeddingModel, class_embeddings
-    from mergelab.models import build_model
+def _train_job(cfg: MultitaskConfig, out: Path, d: str, w: int, h: str, s: int, t: int) -> TrainJob:
+    """Seed pair ``s``'s model of task ``t``: its own head (``concat``) or fixed class vectors (``embedding``)."""
+    if h not in ("concat", "embedding"):
+        raise ValueError(f"multitask: unknown heads {h!r}; choose 'concat' or 'embedding'")
+    if not 0.0 < cfg.holdout < 0.5:
+        raise ValueError(f"multitask: holdout={cfg.holdout} must be in (0, 0.5)")
+    groups = _task_groups(d, cfg.split, cfg.data_root)
+    init_seed = 1000 * s + t
+    return TrainJob(
+        name=f"{d}-w{w}-{h}/seed-{s}-task-{t}",
+        data=DataSpec(d, cfg.data_root, holdout=cfg.holdout, holdout_seed=_HOLDOUT_SEED, classes=groups[t]),
+        model=ModelSpec(
+            cfg.arch,
+            _model_kwargs(cfg.arch, w, cfg.depth),
+            outputs="classes" if h == "concat" else "embedding",
+            embed_dim=cfg.embed_dim,
+        ),  # fmt: skip
+        train=TrainConfig(
+            epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, data_seed=init_seed, progress=False
+        ),
+        init_seed=init_seed,
+        device=cfg.device,
+    ).at(out)
 
-    torch.manual_seed(job["init_seed"])
-    kwargs = _model_kwargs(job["arch"], job["width"], job["depth"])
-    if job["heads"] == "concat":
-        return build_model(job["arch"], input_shape, len(classes), **kwargs)
-    if job["heads"] == "embedding":
-        net = build_model(job["arch"], input_shape, job["embed_dim"], **kwargs)
-        table = class_embeddings(num_classes, job["embed_dim"], seed=0)
-        return ClassEmbeddingModel(net, table[list(classes)])
-    raise ValueError(f"multitask: unknown heads {job['heads']!r}; choose 'concat' or 'embedding'")
 
+@dataclass(frozen=True)
+class MergeJob:
+    """Every method on one seed pair of one (dataset, width, heads) set-up."""
 
-def train_task_model(job: dict[str, Any]) -> dict[str, Any]:
-    """One training job (top-level so Ray can ship it): one model on one task; returns its state dict."""
-    from mergelab.data import split_classes
-    from mergelab.train import TrainConfig, train
-
-    torch.set_num_threads(1)
-    device = resolve_device(job["device"])
-    data, fit, _, groups = _task_data(job["dataset"], job["split"], job["holdout"], job["data_root"])
-    classes = groups[job["task"]]
-    task_ds = to_device(split_classes(fit, [classes])[0], device)  # labels 0..len(classes)-1
-    model = _build(job, data.input_shape, data.num_classes, classes).to(device)
-    cfg = TrainConfig(
-        epochs=job["epochs"],
-        lr=job["lr"],
-        batch_size=job["batch_size"],
-        data_seed=job["init_seed"],
-        progress=False,
-    )
-    history = train(model, task_ds, cfg)
-    return {**{k: job[k] for k in ("dataset", "width", "heads", "seed", "task")}, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-            "train_accuracy": history.final["train_accuracy"]}  # fmt: skip
+    models: tuple[TrainJob, ...]  # one per task, in task order
+    seed: int
+    width: int
+    heads: str
+    embed_dim: int
+    zip_alpha: float
+    zip_beta: float
+    zipit_alpha: float
+    zipit_beta: float
+    zip_grid: tuple[tuple[float, float], ...]
+    partial_cuts: tuple[int, ...]
+    alphas: tuple[float, ...]
+    max_iter: int
+    stats_batches: int
+    landscape_steps: int
 
 
 # --------------------------------------------------------------------------------------------------- merging
@@ -195,7 +186,7 @@ class _SideBySide(nn.Module):
         return torch.cat([m(x) for m in self.members], dim=-1)
 
 
-def merge_pair(job: dict[str, Any]) -> dict[str, Any]:
+def merge_pair(job: MergeJob) -> dict[str, Any]:
     """One merge job: every method on one seed pair; returns table rows, the alpha sweep and the landscape."""
     from mergelab.analysis.landscape import endpoint_alignment, loss_plane
     from mergelab.analysis.tasks import TaskSet, evaluate_multitask
@@ -208,28 +199,22 @@ def merge_pair(job: dict[str, Any]) -> dict[str, Any]:
     from mergelab.structure import discover_structure
 
     torch.set_num_threads(1)
-    device = resolve_device(job["device"])
-    data, fit, hold, groups = _task_data(job["dataset"], job["split"], job["holdout"], job["data_root"])
-    fit, hold = to_device(fit, device), to_device(hold, device)
-    test_ds = to_device(data.test, device)
+    spec = job.models[0].data
+    device = resolve_device(job.models[0].device)
+    data = spec.load()
+    fit, hold, test_ds = spec.splits(device)
+    groups = tuple(m.data.classes for m in job.models)
     tasks = TaskSet(groups, ("A", "B"))
-    models = []
-    for t, sd in enumerate(job["state_dicts"]):
-        m = _build({**job, "init_seed": 0}, data.input_shape, data.num_classes, groups[t])
-        m.load_state_dict(sd)
-        m.to(device).eval()
-        models.append(m)
-    embedding = job["heads"] == "embedding"
+    models = [m.load(device) for m in job.models]
+    embedding = job.heads == "embedding"
     nets = [m.net for m in models] if embedding else models
     union = DataLoader(fit, batch_size=256)  # both tasks' training inputs: what the activation statistics see
     hold_loader = DataLoader(hold, batch_size=512)
     test_loader = DataLoader(test_ds, batch_size=512)
     structure = discover_structure(nets[0], fit.tensors[0][:2])
-    stats = collect_features(nets, structure, union, max_batches=job["stats_batches"] or None)
+    stats = collect_features(nets, structure, union, max_batches=job.stats_batches or None)
     exclude = () if embedding else head_params(structure, nets[0])
-    table = class_embeddings(data.num_classes, job["embed_dim"], seed=0)[list(tasks.output_classes)].to(
-        device
-    )
+    table = class_embeddings(data.num_classes, job.embed_dim, seed=0)[list(tasks.output_classes)].to(device)
 
     def finish(al: Any, partial: int | None = None) -> nn.Module:
         if embedding:
@@ -249,16 +234,16 @@ def merge_pair(job: dict[str, Any]) -> dict[str, Any]:
 
     record("ensemble", ensemble)  # normalised accuracy 1 by construction; its joint accuracy is the reference
     record("weight average", finish(identity_alignment(structure, 2)))
-    record("weight matching", finish(match_weights_many(structure, nets, seed=job["seed"])))
+    record("weight matching", finish(match_weights_many(structure, nets, seed=job.seed)))
     al_am = match_activations(structure, nets, stats=stats)
     record("activation matching", finish(al_am))
-    al_own = zip_alignment(structure, nets, stats=stats, alpha=job["zipit_alpha"], beta=job["zipit_beta"])
+    al_own = zip_alignment(structure, nets, stats=stats, alpha=job.zipit_alpha, beta=job.zipit_beta)
     record(ZIPIT_OWN, finish(al_own))
-    al_zip = zip_alignment(structure, nets, stats=stats, alpha=job["zip_alpha"], beta=job["zip_beta"])
+    al_zip = zip_alignment(structure, nets, stats=stats, alpha=job.zip_alpha, beta=job.zip_beta)
     record(ZIPIT_MUDSC, finish(al_zip))
     zip_sweep: list[dict[str, Any]] = []
     best_zip: tuple[float, tuple[float, float], Any] | None = None
-    for za, zb in job["zip_grid"]:
+    for za, zb in job.zip_grid:
         al = zip_alignment(structure, nets, stats=stats, alpha=float(za), beta=float(zb))
         held = evaluate_multitask(finish(al), hold_loader, tasks).joint_accuracy
         zip_sweep.append({"alpha": float(za), "beta": float(zb), "holdout_joint": held})
@@ -266,7 +251,7 @@ def merge_pair(job: dict[str, Any]) -> dict[str, Any]:
             best_zip = (held, (float(za), float(zb)), al)
     if best_zip is not None:
         record(ZIPIT_SELECTED, finish(best_zip[2]), alpha=best_zip[1][0], beta=best_zip[1][1])
-    cuts = job["partial_cuts"] or tuple(range(1, len(structure.groups)))
+    cuts = job.partial_cuts or tuple(range(1, len(structure.groups)))
     for cut in cuts:
         try:
             record(f"zipit partial (L={cut})", finish(al_own, cut), cut=cut)
@@ -274,12 +259,12 @@ def merge_pair(job: dict[str, Any]) -> dict[str, Any]:
             log.warning("multitask: partial L=%d skipped: %s", cut, err)
     sweep: list[dict[str, Any]] = []
     chosen: dict[str, Any] = {}
-    for mode, max_iter, name in (("align", job["max_iter"], "mudsc align"), ("zip", job["max_iter"], "mudsc zip"),
+    for mode, max_iter, name in (("align", job.max_iter, "mudsc align"), ("zip", job.max_iter, "mudsc zip"),
                                  ("zip", 1, MUDSC_ONE_PASS)):  # fmt: skip
         best: tuple[float, float, Any] | None = None
-        for a in job["alphas"]:
-            al = mudsc_alignment(structure, nets, stats=stats, alpha=float(a), mode=mode, zip_alpha=job["zip_alpha"],
-                                 zip_beta=job["zip_beta"], exclude=exclude, max_iter=max_iter, seed=job["seed"])  # fmt: skip
+        for a in job.alphas:
+            al = mudsc_alignment(structure, nets, stats=stats, alpha=float(a), mode=mode, zip_alpha=job.zip_alpha,
+                                 zip_beta=job.zip_beta, exclude=exclude, max_iter=max_iter, seed=job.seed)  # fmt: skip
             merged = finish(al)
             held = evaluate_multitask(merged, hold_loader, tasks).joint_accuracy
             test = evaluate_multitask(merged, test_loader, tasks).joint_accuracy
@@ -291,7 +276,7 @@ def merge_pair(job: dict[str, Any]) -> dict[str, Any]:
         chosen[name] = best[2]
         record(name, finish(best[2]), alpha=best[1])
     landscape = None
-    if job["landscape_steps"] and not embedding:
+    if job.landscape_steps and not embedding:
         names = [g.name for g in structure]
         points = {
             "A": build_multihead(nets, endpoint_alignment(al_am, 0), names),
@@ -314,10 +299,10 @@ def merge_pair(job: dict[str, Any]) -> dict[str, Any]:
 
         plane = loss_plane(
             points["A"], {k: v.state_dict() for k, v in points.items()}, losses,
-            marks={k: v.state_dict() for k, v in marks.items()}, steps=job["landscape_steps"],
+            marks={k: v.state_dict() for k, v in marks.items()}, steps=job.landscape_steps,
         )  # fmt: skip
         landscape = plane.to_dict()
-    return {k: job[k] for k in ("dataset", "width", "heads", "seed")} | {
+    return {"dataset": spec.name, "width": job.width, "heads": job.heads, "seed": job.seed} | {
         "rows": rows,
         "sweep": sweep,
         "zip_sweep": zip_sweep,
@@ -339,52 +324,41 @@ def multitask(cfg: MultitaskConfig, out: Path, executor: Executor) -> Report:
     for h in cfg.heads:
         if h not in ("concat", "embedding"):
             raise ValueError(f"multitask: unknown heads {h!r}; choose 'concat' or 'embedding'")
-    base = {"arch": cfg.arch, "depth": cfg.depth, "split": cfg.split, "holdout": cfg.holdout,
-            "embed_dim": cfg.embed_dim, "device": cfg.device, "data_root": cfg.data_root}  # fmt: skip
     setups = [(d, w, h) for d in cfg.datasets for w in cfg.widths for h in cfg.heads]
-    train_jobs = [
-        {
-            **base,
-            "dataset": d,
-            "width": w,
-            "heads": h,
-            "seed": s,
-            "task": t,
-            "init_seed": 1000 * s + t,
-            "epochs": cfg.epochs,
-            "lr": cfg.lr,
-            "batch_size": cfg.batch_size,
-        }  # fmt: skip
+    jobs = {
+        (d, w, h, s, t): _train_job(cfg, out, d, w, h, s, t)
         for d, w, h in setups
         for s in cfg.seeds
         for t in (0, 1)
-    ]
-    trained = executor.map(train_task_model, train_jobs, desc="train task models")
-    by_key = {(r["dataset"], r["width"], r["heads"], r["seed"], r["task"]): r for r in trained}
+    }
+    trained = executor.map(run_train_job, list(jobs.values()), desc="train task models")
     merge_jobs = [
-        {
-            **base,
-            "dataset": d,
-            "width": w,
-            "heads": h,
-            "seed": s,
-            "state_dicts": [by_key[(d, w, h, s, t)]["state_dict"] for t in (0, 1)],
-            "zip_alpha": cfg.zip_alpha,
-            "zip_beta": cfg.zip_beta,
-            "zipit_alpha": cfg.zipit_alpha,
-            "zipit_beta": cfg.zipit_beta,
-            "zip_grid": tuple(tuple(p) for p in cfg.zip_grid),
-            "partial_cuts": tuple(cfg.partial_cuts),
-            "alphas": tuple(cfg.alphas),
-            "max_iter": cfg.max_iter,
-            "stats_batches": cfg.stats_batches,
-            "landscape_steps": cfg.landscape_steps if s == cfg.seeds[0] else 0,
-        }  # fmt: skip
+        MergeJob(
+            models=tuple(jobs[(d, w, h, s, t)] for t in (0, 1)),
+            seed=s,
+            width=w,
+            heads=h,
+            embed_dim=cfg.embed_dim,
+            zip_alpha=cfg.zip_alpha,
+            zip_beta=cfg.zip_beta,
+            zipit_alpha=cfg.zipit_alpha,
+            zipit_beta=cfg.zipit_beta,
+            zip_grid=tuple((float(a), float(b)) for a, b in cfg.zip_grid),
+            partial_cuts=tuple(cfg.partial_cuts),
+            alphas=tuple(cfg.alphas),
+            max_iter=cfg.max_iter,
+            stats_batches=cfg.stats_batches,
+            landscape_steps=cfg.landscape_steps if s == cfg.seeds[0] else 0,
+        )
         for d, w, h in setups
         for s in cfg.seeds
     ]
     results = executor.map(merge_pair, merge_jobs, desc="merge seed pairs")
-    report.metrics["train_accuracy"] = [{k: v for k, v in r.items() if k != "state_dict"} for r in trained]
+    report.metrics["train_accuracy"] = [
+        {"dataset": d, "width": w, "heads": h, "seed": s, "task": t, "train_accuracy": r.train_accuracy,
+         "checkpoint": r.checkpoint}
+        for (d, w, h, s, t), r in zip(jobs, trained, strict=True)
+    ]  # fmt: skip
     report.metrics["results"] = [{k: v for k, v in r.items() if k != "landscape"} for r in results]
     _write_report(report, cfg, results, out)
     return report
