@@ -26,7 +26,6 @@ from mergelab.data import (
     read_idx,
     split_classes,
 )
-from mergelab.data.mnist1d_generator import _gaussian_smooth, _resample
 
 SMALL = 200  # MNIST-1D samples in tests: 160 train / 40 test
 
@@ -147,17 +146,25 @@ def test_mnist1d_config_validation(kwargs: dict) -> None:
         MNIST1DConfig(**kwargs)
 
 
-def test_mnist1d_numeric_helpers_match_references() -> None:
-    from scipy.ndimage import gaussian_filter1d
+def test_mnist1d_is_the_package_data_standardised_on_train(tmp_path: Path, monkeypatch) -> None:
+    import mnist1d.data
+    import requests
 
-    rng = np.random.default_rng(0)
-    noise = rng.standard_normal((3, 72))
-    assert np.allclose(_gaussian_smooth(noise, 2.0), gaussian_filter1d(noise, 2.0, axis=-1, mode="reflect"))
-    x = rng.standard_normal((2, 72))
-    lengths = np.array([50, 72])
-    out = _resample(x, lengths, 40)
-    for i, n in enumerate(lengths):
-        assert np.allclose(out[i], np.interp(np.linspace(0, 1, 40), np.linspace(0, 1, n), x[i, :n]))
+    def no_network(*args, **kwargs):
+        raise AssertionError("mnist1d tried to download")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    monkeypatch.setattr(mnist1d.data, "get_dataset", no_network)
+    args = mnist1d.data.get_dataset_args()
+    args.num_samples, args.seed = SMALL, 3
+    ref = mnist1d.data.make_dataset(args)  # the authors' generator, standardised over train + test
+    d = load_dataset("mnist1d", num_samples=SMALL, seed=3, cache_dir=tmp_path)
+    assert torch.equal(d.train.tensors[1], torch.from_numpy(ref["y"]))
+    assert torch.equal(d.test.tensors[1], torch.from_numpy(ref["y_test"]))
+    # ours = the package's samples up to one affine map (train statistics instead of train + test)
+    mean, std = ref["x"].mean(), ref["x"].std()
+    expected = torch.from_numpy(((ref["x_test"] - mean) / std).astype(np.float32))
+    assert torch.allclose(d.test.tensors[0][:, 0], expected, atol=1e-5)
 
 
 def test_mnist1d_cache_round_trip(tmp_path: Path) -> None:

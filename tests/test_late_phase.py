@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mergelab.io
+from mergelab.batchnorm import update_batchnorm
 from mergelab.evaluation import evaluate
 from mergelab.models import build_model
 from mergelab.train import BaseCallback, TrainConfig, TrainState, train
@@ -22,7 +23,7 @@ from mergelab.train.late_phase import (
     rank1_layers,
     train_late_phase,
 )
-from mergelab.train.swa import SWACallback, recompute_bn, train_swa
+from mergelab.train.swa import SWACallback, train_swa
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -86,7 +87,7 @@ def test_bn_members_differ_then_collapse_to_their_average(schedule: str) -> None
             for m in members:
                 assert torch.equal(m[name], avg[name]), name  # the shared weights are shared
     # BatchNorm statistics of the average were recomputed on the training data.
-    fresh = recompute_bn(copy.deepcopy(model), DataLoader(_toy(), batch_size=256))
+    fresh = update_batchnorm(copy.deepcopy(model), DataLoader(_toy(), batch_size=256))
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import mergelab
 from mergelab.analysis.stability import (
     noise_model,
     perturb_members,
@@ -23,7 +23,6 @@ from mergelab.analysis.stability import (
 from mergelab.analysis.weight_patterns import (
     class_means,
     class_template_figure,
-    match_units,
     plot_pattern_rows,
     template_correlation,
     template_mix_figure,
@@ -184,12 +183,6 @@ def test_weight_templates_shapes_and_errors() -> None:
         weight_templates(nn.Sequential(nn.Linear(64, 3)), input_shape=(1, 7, 7))
 
 
-def test_match_units_recovers_a_permutation() -> None:
-    w = torch.randn(6, 1, 8, 8)
-    p = torch.tensor([2, 5, 0, 1, 4, 3])
-    assert torch.equal(w[p][match_units(w, w[p])], w)
-
-
 def test_class_template_figure_panels_and_numbers(tmp_path: Path) -> None:
     ds = labelled()
     models = {"a": model("mlp", 0, depth=0), "b": model("mlp", 1, depth=0)}
@@ -212,11 +205,10 @@ def test_unit_template_figure(tmp_path: Path, arch: str, shape: tuple[int, ...],
     a = model(arch, 0, shape, **kw)
     res = unit_template_figure([a, model(arch, 1, shape, **kw)], tmp_path / "u.png", n_units=5)
     assert res.n_panels == (2 + 2) * 5
-    # A permuted copy: matching undoes the permutation, so the matched average is the model's own units.
-    b = copy.deepcopy(a)
-    _, first = next((n, m) for n, m in b.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-    with torch.no_grad():
-        first.weight.copy_(first.weight[torch.randperm(first.weight.shape[0])])
+    # A permuted copy (same function): aligning undoes the permutation, so the matched average is a's units.
+    structure = mergelab.discover_structure(a, torch.zeros(2, *shape))
+    g = torch.Generator().manual_seed(0)
+    b = mergelab.permute(a, structure, {grp.name: torch.randperm(grp.size, generator=g) for grp in structure})
     res = unit_template_figure([a, b], tmp_path / "p.png")
     assert res.numbers["corr_aligned"] == pytest.approx(1.0, abs=1e-5)
     assert res.numbers["norm_ratio_aligned"] == pytest.approx(1.0, abs=1e-5)

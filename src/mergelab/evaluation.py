@@ -1,5 +1,9 @@
 """Loss and accuracy of a model on a loader: the one evaluation every layer uses.
 
+It also holds the two helpers every loop over data uses: :func:`batches` (``x``/``(x, y)`` batches, at most
+``max_batches``, on a device) and :func:`eval_mode` (a mode for the duration, every submodule's own mode back
+after).
+
 Targets are one class per sample ``y: (N,)`` with outputs ``(N, C)``, or one class per position ``y: (N, T)``
 with outputs ``(N, T, C)`` (a language model's next tokens): then every position counts as a sample, so the loss
 is the mean per-token cross-entropy (``exp`` of it is the perplexity). A model may return its scores directly or
@@ -9,6 +13,7 @@ as the ``logits`` attribute of an output object (Hugging Face ``ModelOutput``).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -53,22 +58,63 @@ def scores_and_targets(out: object, y: torch.Tensor) -> tuple[torch.Tensor, torc
     return logits, y
 
 
+def batches(
+    data: Iterable, *, max_batches: int | None = None, device: torch.device | str | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(x, y or None)`` of each batch of ``data``, stopping after ``max_batches``, moved to ``device``.
+
+    Args:
+        data: a loader (or any iterable) yielding ``x`` or ``(x, y)`` batches.
+        max_batches: stop after this many batches (``None``: all); the batch after the last is never drawn.
+        device: move ``x`` (and ``y``) there; ``None`` leaves them where they are.
+
+    Example:
+        >>> import torch
+        >>> data = [(torch.zeros(2, 3), torch.ones(2))] * 5
+        >>> [tuple(x.shape) for x, _ in batches(data, max_batches=2)]
+        [(2, 3), (2, 3)]
+    """
+    if max_batches is not None and max_batches < 0:
+        raise ValueError(f"batches: max_batches must be >= 0 or None, got {max_batches}")
+    for batch in data if max_batches is None else itertools.islice(data, max_batches):
+        x, y = split_batch(batch)
+        if device is not None:
+            x = x.to(device)
+            y = y.to(device) if y is not None else None
+        yield x, y
+
+
 @contextlib.contextmanager
-def eval_mode(model: object) -> Iterator[None]:
-    """Put ``model`` in eval mode, then give every submodule back its *own* mode.
+def eval_mode(*models: object, training: bool = False) -> Iterator[None]:
+    """Put ``models`` in eval mode (train mode with ``training=True``), then give every submodule back its *own*
+    mode, also when the body raises.
 
     ``model.train(was)`` would set every submodule to the top-level flag and so flip, e.g., BatchNorm layers that
-    were deliberately frozen in eval mode inside a training model.
+    were deliberately frozen in eval mode inside a training model. Anything that is not an ``nn.Module`` (a
+    plain callable) passes through; a module given twice (or shared by two models) gets its first mode back.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+        >>> m[1].eval()  # doctest: +ELLIPSIS
+        BatchNorm1d(...)
+        >>> with eval_mode(m):
+        ...     m.training, m[1].training
+        (False, False)
+        >>> m.training, m[1].training
+        (True, False)
     """
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    modules = [m for m in models if isinstance(m, nn.Module)]
+    modes: dict[nn.Module, bool] = {}
+    for model in modules:
+        for m in model.modules():
+            modes.setdefault(m, m.training)
+    for model in modules:
+        model.train(training)
     try:
         yield
     finally:
-        for m, was in modes:
+        for m, was in modes.items():
             m.training = was
 
 
@@ -76,7 +122,7 @@ def eval_mode(model: object) -> Iterator[None]:
 def predict_logits(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], data: Iterable) -> torch.Tensor:
     """Concatenated outputs over ``data`` in eval mode (every submodule's mode is restored)."""
     with eval_mode(model):
-        return torch.cat([model(split_batch(b)[0]) for b in data])
+        return torch.cat([model(x) for x, _ in batches(data)])
 
 
 @torch.no_grad()
@@ -99,8 +145,7 @@ def evaluate(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], data: It
         )
     total_loss, correct, count = 0.0, 0, 0
     with eval_mode(model):
-        for batch in data:
-            x, y = split_batch(batch)
+        for x, y in batches(data):
             if y is None:
                 raise ValueError("evaluate: the loader yields no labels; it must yield (x, y) batches")
             out, y = scores_and_targets(_forward(model, x, first=count == 0), y)
@@ -132,8 +177,7 @@ def evaluate_tasks(
     heads: list[list[tuple[int, int]]] | None = None  # per head: (head, global class) of each output column
     sums: dict[str, list[float]] = {}
     with eval_mode(model):
-        for batch in data:
-            x, y = split_batch(batch)
+        for x, y in batches(data):
             if y is None:
                 raise ValueError("evaluate_tasks: the loader yields no labels; it must yield (x, y) batches")
             outs = tuple(model.forward_tasks(x))  # type: ignore[operator]

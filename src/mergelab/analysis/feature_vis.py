@@ -45,7 +45,6 @@ import copy
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,7 +52,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, fx, nn
 
-from mergelab.evaluation import split_batch
+from mergelab.evaluation import batches, eval_mode
 
 __all__ = [
     "ActMaxConfig",
@@ -122,18 +121,6 @@ def _input_shape(
     raise ValueError(
         f"feature_vis: cannot tell the input shape of {type(model).__name__}; pass input_shape= or example_input="
     )
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration (BatchNorm must not couple the optimised images), flags restored after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 class _Stop(Exception):
@@ -281,7 +268,7 @@ def select_units(
         module, d = _probe_module(model, structure[layer])
         d = d if dim is None else dim
         group_name = layer
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         out = _layer_output(model, module, x)
     if not -out.ndim <= d < out.ndim or d % out.ndim == 0:
         raise ValueError(
@@ -514,7 +501,7 @@ def activation_maximization(
     spatial_axes = tuple(range(2, 2 + len(spatial)))
     history = torch.zeros(n, cfg.steps)
     opt = torch.optim.Adam([param], lr=cfg.lr)
-    with _eval_mode(model):
+    with eval_mode(model):
         with torch.no_grad():
             initial = unit_activations(model, selection, to_image(param))[rows, rows].clone()
         for step in range(cfg.steps):
@@ -603,11 +590,8 @@ def top_k_examples(
     best_i: Tensor | None = None  # (U, m)
     best_x: Tensor | None = None  # (U, m, *input_shape)
     seen = 0
-    with _eval_mode(model):
-        for b, batch in enumerate(data):
-            if max_batches is not None and b >= max_batches:
-                break
-            x, _ = split_batch(batch)
+    with eval_mode(model):
+        for x, _ in batches(data, max_batches=max_batches):
             act = unit_activations(model, selection, x).T.float()  # (U, B)
             pos = torch.arange(seen, seen + x.shape[0]).expand_as(act)
             seen += x.shape[0]
@@ -647,11 +631,8 @@ def unit_correlation(
         )
     sums = torch.zeros(5, len(selection_a.units), dtype=torch.float64)  # Σa, Σb, Σa², Σb², Σab
     count = 0
-    with _eval_mode(model_a), _eval_mode(model_b):
-        for b, batch in enumerate(data):
-            if max_batches is not None and b >= max_batches:
-                break
-            x, _ = split_batch(batch)
+    with eval_mode(model_a, model_b):
+        for x, _ in batches(data, max_batches=max_batches):
             a = unit_activations(model_a, selection_a, x).double()
             c = unit_activations(model_b, selection_b, x).double()
             sums += torch.stack([a.sum(0), c.sum(0), (a * a).sum(0), (c * c).sum(0), (a * c).sum(0)])
@@ -817,10 +798,7 @@ def _standardize(x: Tensor) -> Tensor:
 def _data_mean(data: Iterable, max_batches: int | None) -> Tensor:
     total: Tensor | None = None
     count = 0
-    for b, batch in enumerate(data):
-        if max_batches is not None and b >= max_batches:
-            break
-        x, _ = split_batch(batch)
+    for x, _ in batches(data, max_batches=max_batches):
         total = x.double().sum(0) if total is None else total + x.double().sum(0)
         count += x.shape[0]
     if total is None:

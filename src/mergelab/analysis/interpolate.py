@@ -9,7 +9,6 @@ modulo permutations.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -19,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mergelab.evaluation import evaluate
+from mergelab.evaluation import batches, evaluate
 from mergelab.merge.average import check_same_architecture
 from mergelab.merge.repair import repair as repair_stats
 from mergelab.merge.repair import reset_batchnorm
@@ -150,10 +149,6 @@ class LMCCurve:
         return path
 
 
-def _limit(data: Iterable, max_batches: int | None) -> Iterable:
-    return data if max_batches is None else itertools.islice(data, max_batches)
-
-
 def interpolate(
     a: nn.Module,
     b: nn.Module,
@@ -203,11 +198,11 @@ def interpolate(
                 m = reset_batchnorm(m, data, max_batches=max_batches)
             elif repair == "repair":
                 m = repair_stats(m, [a, b], data, [1 - lam, lam], max_batches=max_batches)
-        met = evaluate(m, _limit(data, max_batches))
+        met = evaluate(m, batches(data, max_batches=max_batches))
         tr_l.append(met.loss)
         tr_a.append(met.accuracy)
         if test_data is not None:
-            met = evaluate(m, _limit(test_data, max_batches))
+            met = evaluate(m, batches(test_data, max_batches=max_batches))
             te_l.append(met.loss)
             te_a.append(met.accuracy)
         logger.debug("interpolate: λ=%.3f train loss %.4f acc %.4f", lam, tr_l[-1], tr_a[-1])

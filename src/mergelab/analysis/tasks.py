@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mergelab.evaluation import split_batch
+from mergelab.evaluation import batches, eval_mode
 
 __all__ = ["MultitaskMetrics", "TaskSet", "evaluate_multitask", "multitask_metrics", "normalized_accuracy"]
 
@@ -219,17 +219,10 @@ def evaluate_multitask(
     Returns:
         A :class:`MultitaskMetrics`.
     """
-    was_training = getattr(model, "training", False)
-    if isinstance(model, nn.Module):
-        model.eval()
     acc = _Accumulator(tasks)
-    try:
-        for batch in data:
-            x, y = split_batch(batch)
+    with eval_mode(model):
+        for x, y in batches(data):
             if y is None:
                 raise ValueError("evaluate_multitask: the loader yields no labels; it must yield (x, y)")
             acc.add(model(x), y)
-    finally:
-        if isinstance(model, nn.Module):
-            model.train(was_training)
     return acc.result()

@@ -4,7 +4,8 @@ A study's claim ("alignment lowers the barrier", "MuDSC beats ZipIt") is about w
 new networks, so the unit of replication is the *training seed* (or seed pair), never the test sample: test
 samples of one network are not independent draws of the effect. Every claimed difference is therefore measured
 once per seed pair (both arms on the same seeds, so the pairing removes the seed's own effect), and the interval
-is over those per-seed differences: a Student-t interval (default) or a percentile bootstrap over seeds.
+is over those per-seed differences: a Student-t interval (default, ``scipy.stats.t.interval``) or a percentile
+bootstrap over seeds (``scipy.stats.bootstrap``).
 
 The verdict is read off the interval, never written by hand:
 
@@ -117,8 +118,8 @@ def paired_interval(
     if np.ptp(x) == 0.0:  # every seed gave the same difference: the interval is that point
         return Interval(mean, mean, mean, n, level, method)
     if method == "t":
-        half = float(stats.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-        return Interval(mean, mean - half, mean + half, n, level, method)
+        low, high = stats.t.interval(level, n - 1, loc=mean, scale=stats.sem(x))
+        return Interval(mean, float(low), float(high), n, level, method)
     res = stats.bootstrap(
         (x,), np.mean, confidence_level=level, n_resamples=n_resamples, method="percentile",
         random_state=np.random.default_rng(seed),

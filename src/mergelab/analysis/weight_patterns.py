@@ -10,7 +10,8 @@ makes those pictures and the numbers behind them:
 * :func:`template_correlation` — Pearson correlation between each template and each class mean;
 * :func:`class_template_figure` — class means beside per-class templates of several models and their average;
 * :func:`unit_template_figure` — first-layer units (hidden units or conv kernels) of two or more models, their
-  naive average and their average after matching units (Hungarian on the first-layer weights);
+  naive average and their average after aligning every model to model 0 (:func:`mergelab.merge.aligned.align_to`,
+  weight matching: the alignment a merge uses);
 * :func:`template_mix_figure` — the average of two class templates beside the average of the two class means.
 
 Every figure function returns a :class:`FigureResult` (PNG path, panel count, numbers). Digits give 8×8
@@ -33,14 +34,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from mergelab.evaluation import split_batch
+from mergelab.evaluation import batches, eval_mode
 
 __all__ = [
     "FigureResult",
     "class_means",
     "class_template_figure",
     "first_layer",
-    "match_units",
     "plot_pattern_rows",
     "template_correlation",
     "template_mix_figure",
@@ -85,14 +85,10 @@ def class_means(data: Dataset | Iterable, num_classes: int | None = None) -> tor
         >>> class_means(ds).squeeze(1).tolist()
         [2.0, 5.0]
     """
-    if isinstance(data, TensorDataset):
-        batches: Iterable = [(data.tensors[0], data.tensors[1])]
-    else:
-        batches = data
+    loader: Iterable = [(data.tensors[0], data.tensors[1])] if isinstance(data, TensorDataset) else data
     sums: torch.Tensor | None = None
     counts: torch.Tensor | None = None
-    for batch in batches:
-        x, y = split_batch(batch)
+    for x, y in batches(loader):
         if y is None:
             raise ValueError("class_means: the data yields no labels; it must yield (x, y)")
         k = int(num_classes) if num_classes is not None else int(y.max()) + 1
@@ -177,36 +173,6 @@ def template_correlation(templates: torch.Tensor, means: torch.Tensor, center: b
     t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
     m = m / m.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return (t @ m.T).float()
-
-
-def match_units(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """Permutation ``p`` with ``other[p]`` matching ``reference`` unit by unit (Hungarian on correlation).
-
-    Only the first layer is matched, which is all a picture of first-layer units needs; a whole-network
-    alignment is :func:`mergelab.merge.soup.align_models`.
-
-    Example:
-        >>> import torch
-        >>> w = torch.randn(5, 12)
-        >>> p = torch.tensor([3, 0, 4, 1, 2])
-        >>> torch.equal(w[p][match_units(w, w[p])], w)
-        True
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    a = reference.reshape(reference.shape[0], -1).double()
-    b = other.reshape(other.shape[0], -1).double()
-    if a.shape != b.shape:
-        raise ValueError(f"match_units: reference {tuple(reference.shape)} vs other {tuple(other.shape)}")
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
-    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    sim = (a @ b.T).numpy()  # (U_ref, U_other)
-    rows, cols = linear_sum_assignment(sim, maximize=True)
-    perm = np.empty(len(rows), dtype=np.int64)
-    perm[rows] = cols
-    return torch.from_numpy(perm)
 
 
 # -- figures -------------------------------------------------------------------------------------------------
@@ -351,7 +317,7 @@ def unit_template_stats(models: Sequence[nn.Module]) -> dict[str, Any]:
 
     Returns:
         ``corr_naive``/``corr_aligned``: mean correlation between model 0's units and the other models' units
-        (unit ``j`` with unit ``j``, then after :func:`match_units`); ``norm_ratio_naive``/
+        (unit ``j`` with unit ``j``, then after aligning to model 0); ``norm_ratio_naive``/
         ``norm_ratio_aligned``: norm of the averaged units over the mean norm of the members' units (close to
         1 when units agree, lower when averaging cancels them); ``units``: number of units.
 
@@ -361,7 +327,10 @@ def unit_template_stats(models: Sequence[nn.Module]) -> dict[str, Any]:
         >>> unit_template_stats([m, m])["norm_ratio_naive"]
         1.0
     """
-    temps, aligned = _unit_templates(models)
+    return _unit_stats(*_unit_templates(models))
+
+
+def _unit_stats(temps: list[torch.Tensor], aligned: list[torch.Tensor]) -> dict[str, Any]:
     naive_avg = torch.stack(temps).mean(0)
     aligned_avg = torch.stack(aligned).mean(0)
 
@@ -389,12 +358,13 @@ def unit_template_figure(
     names: Sequence[str] | None = None,
     n_units: int = 10,
 ) -> FigureResult:
-    """First-layer units of several models, their naive average, and their average after matching units.
+    """First-layer units of several models, their naive average, and their average after aligning the models.
 
-    Unit ``j`` of the naive average averages unit ``j`` of every model; the matched average first permutes
-    every model's first-layer units to best match model 0's (:func:`match_units`). Independently trained
-    models order their hidden units arbitrarily, so the naive average blurs templates and the matched one
-    keeps them; models from one initialisation or one pretrained base need no matching.
+    Unit ``j`` of the naive average averages unit ``j`` of every model; the matched average first re-expresses
+    every model in model 0's unit basis (:func:`mergelab.merge.aligned.align_to`, weight matching over the
+    whole network, as a merge does). Independently trained models order their hidden units arbitrarily, so the
+    naive average blurs templates and the matched one keeps them; models from one initialisation or one
+    pretrained base need no matching.
 
     Args:
         models: two or more models of one architecture.
@@ -408,7 +378,7 @@ def unit_template_figure(
     """
     models = list(models)
     temps, aligned = _unit_templates(models)
-    numbers = unit_template_stats(models)
+    numbers = _unit_stats(temps, aligned)
     names = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
     k = min(n_units, temps[0].shape[0])
     rows = {name: aligned[i][:k] for i, name in enumerate(names)}
@@ -440,7 +410,9 @@ def _unit_templates(models: Sequence[nn.Module]) -> tuple[list[torch.Tensor], li
                 f"unit_template_figure: first-layer weights {tuple(t.shape)} in model {i} vs "
                 f"{tuple(temps[0].shape)} in model 0"
             )
-    aligned = [temps[0]] + [t[match_units(temps[0], t)] for t in temps[1:]]
+    from mergelab.merge.aligned import align_to
+
+    aligned = [temps[0]] + [weight_templates(align_to(models[0], m)) for m in models[1:]]
     return temps, aligned
 
 
@@ -476,9 +448,7 @@ def template_mix_figure(
     centred_m = means - means.mean(0, keepdim=True)
     rows: dict[str, torch.Tensor] = {}
     numbers: dict[str, Any] = {}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for a, b in pairs:
             if not (0 <= a < num_classes and 0 <= b < num_classes):
                 raise ValueError(
@@ -495,8 +465,6 @@ def template_mix_figure(
             )
             p = torch.softmax(model(mix_m[None]), dim=-1)[0]
             numbers[f"{a}+{b}"] = {"corr_mix": float(corr[0, 0]), "p_a": float(p[a]), "p_b": float(p[b])}
-    finally:
-        model.train(was_training)
     cols = ["template a", "template b", "avg template", "mean a", "mean b", "avg mean"]  # all centred
     res = plot_pattern_rows(
         rows, path, col_titles=cols, title="Mixing two class templates vs mixing two classes"

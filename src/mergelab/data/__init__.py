@@ -17,7 +17,7 @@ from __future__ import annotations
 from .core import DATASETS, DataSplits, list_datasets, load_dataset, register_dataset, split_classes
 from .loaders import batch_inputs, batch_xy, make_loader
 from .local import cifar10, cifar100, mnist, read_idx
-from .mnist1d_generator import MNIST1DConfig, make_mnist1d, mnist1d
+from .mnist1d_data import MNIST1DConfig, make_mnist1d, mnist1d
 from .sklearn_digits import digits  # importing a builder module registers it
 
 __all__ = [

@@ -32,6 +32,7 @@ Every other dimension is a sample: each spatial position of a conv map and each 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from mergelab.evaluation import split_batch
+from mergelab.evaluation import batches, eval_mode
 from mergelab.structure.types import Axis, Group, Probe, Structure
 
 __all__ = ["FeatureStats", "Tap", "collect_features", "fallback_taps", "trace_model", "unit_dim"]
@@ -380,7 +381,8 @@ def collect_features(
 
     handles = []
     taps: list[dict[str, list[Callable[[Tensor], None]]]] = [{} for _ in models]
-    modes = [[(m, m.training) for m in model.modules()] for model in models]
+    modes = contextlib.ExitStack()  # eval mode for the pass; every submodule's own mode back in `finally`
+    modes.enter_context(eval_mode(*models))
     try:
         for i, model in enumerate(models):
             for g in chosen:
@@ -411,12 +413,8 @@ def collect_features(
                 missing = sorted(set(taps[i]) - known)
                 if missing:
                     raise ValueError(f"collect_features: probe nodes {missing} are not in the traced graph")
-            model.eval()
         with torch.no_grad():
-            for b, batch in enumerate(data):
-                if max_batches is not None and b >= max_batches:
-                    break
-                x, _ = split_batch(batch)
+            for x, _ in batches(data, max_batches=max_batches):
                 for i, model in enumerate(models):
                     dev = next((p.device for p in model.parameters()), x.device)
                     if use_graph:
@@ -440,9 +438,7 @@ def collect_features(
     finally:
         for h in handles:
             h.remove()
-        for mm in modes:
-            for m, was_training in mm:
-                m.train(was_training)
+        modes.close()
     empty = [g for g, c in counts.items() if c == 0]
     if empty:
         raise ValueError(f"collect_features: no samples for groups {empty} (empty data?)")

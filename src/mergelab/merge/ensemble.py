@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergelab.evaluation import split_batch
+from mergelab.evaluation import batches, eval_mode
 from mergelab.merge.average import normalize_coefficients
 
 __all__ = ["ENSEMBLE_MODES", "Ensemble", "combine_outputs", "greedy_ensemble"]
@@ -287,14 +287,10 @@ def _cache_outputs(
     models: Sequence[nn.Module], data: Iterable, mode: str
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per member: held-out logits (``logits``/``probs``) or features (``features``); plus the labels."""
-    states = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        outs: list[list[torch.Tensor]] = [[] for _ in models]
-        ys: list[torch.Tensor] = []
-        for batch in data:
-            x, y = split_batch(batch)
+    outs: list[list[torch.Tensor]] = [[] for _ in models]
+    ys: list[torch.Tensor] = []
+    with eval_mode(*models):
+        for x, y in batches(data):
             if y is None:
                 raise ValueError(
                     "greedy_ensemble: the held-out loader yields no labels; it must yield (x, y)"
@@ -302,9 +298,6 @@ def _cache_outputs(
             ys.append(y)
             for i, m in enumerate(models):
                 outs[i].append(m.features(x) if mode == "features" else m(x))
-    finally:
-        for m, s in zip(models, states, strict=True):
-            m.train(s)
     if not ys:
         raise ValueError("greedy_ensemble: the held-out loader is empty")
     return [torch.cat(o) for o in outs], torch.cat(ys)

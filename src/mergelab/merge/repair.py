@@ -4,8 +4,8 @@ Averaging two aligned networks shrinks the variance of their hidden units ("vari
 REPAIR, ICLR 2023, https://arxiv.org/abs/2211.08403): a merged unit is the average of two imperfectly correlated
 units, so its activations have a smaller spread than either endpoint's, and the shrinkage compounds with depth.
 
-* :func:`reset_batchnorm` recomputes BatchNorm running statistics on data (as
-  ``torch.optim.swa_utils.update_bn``): the merged net's BN layers then normalise what actually reaches them.
+* :func:`reset_batchnorm` recomputes BatchNorm running statistics on data (with
+  ``torch.optim.swa_utils.update_bn``, on a copy): the merged net's BN layers then normalise what actually reaches them.
 * :func:`repair` makes every corrected unit's mean and standard deviation equal the interpolation of the
   endpoints' statistics, ``Σ_i λ_i μ_i`` and ``Σ_i λ_i σ_i``.
 
@@ -42,7 +42,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mergelab.evaluation import split_batch
+from mergelab.batchnorm import has_batchnorm, update_batchnorm
+from mergelab.evaluation import batches, eval_mode
 from mergelab.match.features import trace_model, unit_dim
 from mergelab.merge.average import check_same_architecture, normalize_coefficients
 
@@ -65,8 +66,8 @@ def _device(model: nn.Module) -> torch.device:
 def reset_batchnorm(model: nn.Module, data: Iterable, *, max_batches: int | None = None) -> nn.Module:
     """Recompute every BatchNorm's running statistics on ``data`` (a cumulative average, momentum ``None``).
 
-    Like ``torch.optim.swa_utils.update_bn``, but on a copy: the input model is untouched, and BN momentum and
-    train/eval modes of the copy are restored afterwards (in ``finally``).
+    :func:`mergelab.batchnorm.update_batchnorm` (``torch.optim.swa_utils.update_bn``) on a copy: the input
+    model is untouched, and BN momentum and train/eval modes of the copy are as they were.
 
     Args:
         model: the network (e.g. a merged model).
@@ -77,37 +78,13 @@ def reset_batchnorm(model: nn.Module, data: Iterable, *, max_batches: int | None
         A new model with fresh BN statistics (an unchanged copy, with a warning, if it has no BatchNorm).
     """
     out = copy.deepcopy(model)
-    bns = [m for m in out.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    if not bns:
+    if not has_batchnorm(out):
         logger.warning(
             "reset_batchnorm: %s has no BatchNorm with running statistics; nothing to reset",
             type(model).__name__,
         )
         return out
-    momenta = [(m, m.momentum) for m in bns]
-    modes = [(m, m.training) for m in out.modules()]
-    seen = 0
-    try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        out.train()
-        dev = _device(out)
-        with torch.no_grad():
-            for b, batch in enumerate(data):
-                if max_batches is not None and b >= max_batches:
-                    break
-                x, _ = split_batch(batch)
-                out(x.to(dev))
-                seen += 1
-    finally:
-        for m, mom in momenta:
-            m.momentum = mom
-        for m, was in modes:
-            m.train(was)
-    if seen == 0:
-        raise ValueError("reset_batchnorm: data yielded no batches")
-    return out
+    return update_batchnorm(out, data, max_batches=max_batches)
 
 
 class _Moments:
@@ -144,7 +121,6 @@ def _collect(
 ) -> dict[str, _Moments]:
     acc = {n: _Moments() for n in names}
     handles = []
-    modes = [(m, m.training) for m in model.modules()]
 
     def hook(name: str, mod: nn.Module):
         def fn(_m: nn.Module, inp: tuple, out: Tensor) -> None:
@@ -159,20 +135,13 @@ def _collect(
         for n in names:
             mod = model.get_submodule(n)
             handles.append(mod.register_forward_hook(hook(n, mod)))
-        model.eval()
-        dev = _device(model)
-        with torch.no_grad():
-            for b, batch in enumerate(data):
-                if max_batches is not None and b >= max_batches:
-                    break
-                x, _ = split_batch(batch)
+        with eval_mode(model), torch.no_grad():
+            for x, _ in batches(data, max_batches=max_batches, device=_device(model)):
                 with contextlib.suppress(_Stop):
-                    model(x.to(dev))
+                    model(x)
     finally:
         for h in handles:
             h.remove()
-        for m, was in modes:
-            m.train(was)
     return acc
 
 

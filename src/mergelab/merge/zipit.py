@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from mergelab.evaluation import split_batch
+from mergelab.evaluation import batches, eval_mode
 from mergelab.match.features import FeatureStats, collect_features
 from mergelab.match.zip import mudsc_alignment, zip_alignment
 from mergelab.merge.aligned import example_input_for
@@ -209,31 +209,25 @@ def _score(model: nn.Module, data: Iterable, output_classes: tuple[int, ...] | N
     class of the arg-max output column (joint accuracy over the tasks)."""
     lookup = torch.tensor(output_classes) if output_classes is not None else None
     correct = total = 0
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in data:
-                x, y = split_batch(batch)
-                if y is None:
-                    raise ValueError(
-                        "mudsc: choosing alpha needs labelled data (x, y); pass alpha= or selection_data="
-                    )
-                out = model(x)
-                if lookup is not None and out.shape[-1] != len(lookup):
-                    raise ValueError(
-                        f"mudsc: the merged model has {out.shape[-1]} outputs for {len(lookup)} task classes"
-                    )
-                if lookup is None and int(y.max()) >= out.shape[-1]:
-                    raise ValueError(
-                        f"mudsc: label {int(y.max())} exceeds the merged model's {out.shape[-1]} outputs; pass "
-                        f"tasks= (the class groups) or labels in the output space"
-                    )
-                pred = out.argmax(-1)
-                correct += int(((lookup[pred] if lookup is not None else pred) == y).sum())
-                total += len(y)
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.no_grad():
+        for x, y in batches(data):
+            if y is None:
+                raise ValueError(
+                    "mudsc: choosing alpha needs labelled data (x, y); pass alpha= or selection_data="
+                )
+            out = model(x)
+            if lookup is not None and out.shape[-1] != len(lookup):
+                raise ValueError(
+                    f"mudsc: the merged model has {out.shape[-1]} outputs for {len(lookup)} task classes"
+                )
+            if lookup is None and int(y.max()) >= out.shape[-1]:
+                raise ValueError(
+                    f"mudsc: label {int(y.max())} exceeds the merged model's {out.shape[-1]} outputs; pass "
+                    f"tasks= (the class groups) or labels in the output space"
+                )
+            pred = out.argmax(-1)
+            correct += int(((lookup[pred] if lookup is not None else pred) == y).sum())
+            total += len(y)
     if total == 0:
         raise ValueError("mudsc: selection data is empty")
     return correct / total

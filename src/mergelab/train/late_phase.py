@@ -71,15 +71,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mergelab.evaluation import Metrics, evaluate, split_batch
-from mergelab.train.swa import (
-    SWACallback,
-    as_loader,
-    base_optimizer,
-    default_swa_start,
-    has_batchnorm,
-    recompute_bn,
-)
+from mergelab.batchnorm import has_batchnorm, update_batchnorm
+from mergelab.evaluation import Metrics, batches, eval_mode, evaluate
+from mergelab.train.swa import SWACallback, as_loader, base_optimizer, default_swa_start
 from mergelab.train.trainer import BaseCallback, Callback, History, TrainConfig, TrainState, train
 
 log = logging.getLogger(__name__)
@@ -552,9 +546,9 @@ class LatePhaseCallback(BaseCallback):
         state.optimizer = base
         if self.k > 1 and has_batchnorm(state.model):
             loader = as_loader(self.bn_data, self.batch_size)
-            recompute_bn(state.model, loader)
+            update_batchnorm(state.model, loader)
             for m in models:
-                recompute_bn(m, loader)
+                update_batchnorm(m, loader)
         for m in models:
             m.eval()
         self.members = models
@@ -645,13 +639,9 @@ def evaluate_ensemble(models: Sequence[nn.Module], data: Iterable) -> Metrics:
     """
     if not models:
         raise ValueError("evaluate_ensemble: got no models")
-    flags = [m.training for m in models]
-    for m in models:
-        m.eval()
     total, correct, count = 0.0, 0, 0
-    try:
-        for batch in data:
-            x, y = split_batch(batch)
+    with eval_mode(*models):
+        for x, y in batches(data):
             if y is None:
                 raise ValueError(
                     "evaluate_ensemble: the loader yields no labels; it must yield (x, y) batches"
@@ -660,9 +650,6 @@ def evaluate_ensemble(models: Sequence[nn.Module], data: Iterable) -> Metrics:
             total += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum").item()
             correct += (probs.argmax(-1) == y).sum().item()
             count += len(y)
-    finally:
-        for m, f in zip(models, flags, strict=True):
-            m.train(f)
     if count == 0:
         raise ValueError("evaluate_ensemble: the loader is empty")
     return Metrics(total / count, correct / count, count)

@@ -23,65 +23,17 @@ from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel
 from torch.utils.data import DataLoader, Dataset
 
-from mergelab.evaluation import split_batch
+from mergelab.batchnorm import has_batchnorm, update_batchnorm
 from mergelab.train.trainer import BaseCallback, History, TrainConfig, TrainState, train
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SWACallback", "SWAResult", "default_swa_start", "has_batchnorm", "recompute_bn", "train_swa"]
+__all__ = ["SWACallback", "SWAResult", "default_swa_start", "train_swa"]
 
 
 def default_swa_start(epochs: int) -> int:
     """The usual SWA start: after 75 % of the epochs (Izmailov et al.), at least epoch 0, at most the last."""
     return min(max(0, int(0.75 * epochs)), epochs - 1)
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    """Whether ``model`` has BatchNorm layers that track running statistics (those need recomputing)."""
-    return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()
-    )
-
-
-@torch.no_grad()
-def recompute_bn(model: nn.Module, data: Iterable) -> nn.Module:
-    """Reset and recompute every BatchNorm layer's running mean/variance with one pass over ``data``.
-
-    Like ``torch.optim.swa_utils.update_bn`` (an exact average over the batches, ``momentum=None``), but
-    without autograd, for loaders yielding ``x`` or ``(x, y)``, and restoring momentum and train mode in a
-    ``finally``. Models without BatchNorm are returned untouched.
-
-    Args:
-        model: the model to update in place.
-        data: an iterable of ``x`` or ``(x, y)`` batches (the training data, without augmentation).
-
-    Returns:
-        ``model``.
-    """
-    bns = [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-    if not bns:
-        return model
-    momenta = [m.momentum for m in bns]
-    was_training = model.training
-    try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: every batch counts the same
-        model.train()
-        seen = 0
-        for batch in data:
-            x, _ = split_batch(batch)
-            model(x)
-            seen += 1
-        if seen == 0:
-            raise ValueError("recompute_bn: the data for the BatchNorm statistics is empty")
-    finally:
-        for m, momentum in zip(bns, momenta, strict=True):
-            m.momentum = momentum
-        model.train(was_training)
-    return model
 
 
 def as_loader(data: Dataset | DataLoader | Iterable, batch_size: int = 256) -> Iterable:
@@ -188,7 +140,7 @@ class SWACallback(BaseCallback):
             raise ValueError("SWA: no epoch was averaged")
         model = self.averaged.module
         if has_batchnorm(model):
-            recompute_bn(model, as_loader(self.bn_data, self.batch_size))
+            update_batchnorm(model, as_loader(self.bn_data, self.batch_size))
         model.eval()
         self.model = model
         log.info("SWA: averaged %d epochs from epoch %d", self.n_averaged, self.start_epoch)

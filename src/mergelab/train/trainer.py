@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mergelab.evaluation import Metrics, evaluate, scores_and_targets, split_batch
+from mergelab.evaluation import Metrics, batches, evaluate, scores_and_targets
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +225,7 @@ def _run(
             cb.on_epoch_begin(state)
         total, correct, count = 0.0, 0, 0
         lr = state.optimizer.param_groups[0]["lr"]
-        for batch in loader:
-            x, y = split_batch(batch)
+        for x, y in batches(loader):
             if y is None:
                 raise ValueError("train: the training data yields no labels; it must yield (x, y)")
             for cb in callbacks:
