@@ -182,6 +182,12 @@ def test_multitask_study_runs_end_to_end(tmp_path: Path) -> None:
     assert all(0.0 <= r["joint"] <= 1.0 for r in rows)
     assert (tmp_path / "run" / "landscape_digits-w12-concat.png").exists()
     assert (tmp_path / "run" / "alpha_sweep_digits-w12-concat.png").exists()
+    # N = 3 models (digits 0–2 / 3–5 / 6–8) merged at once: its own table, claims and sweep, no landscape
+    assert "concat heads, 3 tasks" in text and "| task C |" in text.replace(" | task C", "| task C")
+    three = [r for r in metrics["metrics"]["results"] if r["tasks"] == 3]
+    assert len(three) == 2 and all(0.0 <= row["joint"] <= 1.0 for r in three for row in r["rows"])
+    assert any("3 tasks" in c["setting"] for c in claims)
+    assert not (tmp_path / "run" / "landscape_digits-w12-concat-3tasks.png").exists()
 
 
 @pytest.mark.slow

@@ -70,6 +70,10 @@ class MultitaskConfig:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # seed pair s: task A model init 1000·s, task B model 1000·s + 1
     split: int = 5  # task A = classes [0, split), task B = [split, num_classes)
     heads: tuple[str, ...] = ("concat", "embedding")
+    # Set-ups with N > 2 models: N tasks of num_classes // N consecutive classes each (digits, N = 3: 0–2, 3–5,
+    # 6–8; class 9 is left out), merged all at once, with these heads only.
+    many_tasks: tuple[int, ...] = (3,)
+    many_tasks_heads: tuple[str, ...] = ("concat",)
     embed_dim: int = 32  # class-embedding dimension (>= number of classes)
     holdout: float = 0.15  # fraction of the training split held out for choosing MuDSC's alpha
     zip_alpha: float = 0.5  # MuDSC's zip-mode knobs (its paper); ZipIt at these = MuDSC's loop at α = 0
@@ -114,28 +118,35 @@ PRESETS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------------------- jobs
 
 
-def _task_groups(dataset: str, split: int, root: str = "") -> tuple[tuple[int, ...], ...]:
-    """The class groups of the tasks: ``[0, split)`` and ``[split, num_classes)``."""
+def _task_groups(dataset: str, split: int, n_tasks: int = 2, root: str = "") -> tuple[tuple[int, ...], ...]:
+    """The class groups of the tasks: ``[0, split)`` and ``[split, num_classes)`` for two tasks; for N > 2,
+    N blocks of ``num_classes // N`` consecutive classes (the remainder is left out)."""
     data = load_study_data(dataset, root)
-    if not 0 < split < data.num_classes:
-        raise ValueError(f"multitask: split={split} must be in (0, {data.num_classes}) for {dataset!r}")
-    return tuple(range(split)), tuple(range(split, data.num_classes))
+    c = data.num_classes
+    if n_tasks == 2:
+        if not 0 < split < c:
+            raise ValueError(f"multitask: split={split} must be in (0, {c}) for {dataset!r}")
+        return tuple(range(split)), tuple(range(split, c))
+    if not 2 < n_tasks <= c:
+        raise ValueError(f"multitask: many_tasks={n_tasks} must be in (2, {c}] for {dataset!r}")
+    size = c // n_tasks
+    return tuple(tuple(range(t * size, (t + 1) * size)) for t in range(n_tasks))
 
 
 def _model_kwargs(arch: str, width: int, depth: int) -> dict[str, Any]:
     return {"width": width, "depth": depth} if arch in ("mlp", "cnn") else {"width": width}
 
 
-def _train_job(cfg: MultitaskConfig, out: Path, d: str, w: int, h: str, s: int, t: int) -> TrainJob:
+def _train_job(cfg: MultitaskConfig, out: Path, d: str, w: int, h: str, n: int, s: int, t: int) -> TrainJob:
     """Seed pair ``s``'s model of task ``t``: its own head (``concat``) or fixed class vectors (``embedding``)."""
     if h not in ("concat", "embedding"):
         raise ValueError(f"multitask: unknown heads {h!r}; choose 'concat' or 'embedding'")
     if not 0.0 < cfg.holdout < 0.5:
         raise ValueError(f"multitask: holdout={cfg.holdout} must be in (0, 0.5)")
-    groups = _task_groups(d, cfg.split, cfg.data_root)
+    groups = _task_groups(d, cfg.split, n, cfg.data_root)
     init_seed = 1000 * s + t
     return TrainJob(
-        name=f"{d}-w{w}-{h}/seed-{s}-task-{t}",
+        name=f"{d}-w{w}-{h}{'' if n == 2 else f'-{n}tasks'}/seed-{s}-task-{t}",
         data=DataSpec(d, cfg.data_root, holdout=cfg.holdout, holdout_seed=_HOLDOUT_SEED, classes=groups[t]),
         model=ModelSpec(
             cfg.arch,
@@ -204,7 +215,12 @@ def merge_pair(job: MergeJob) -> dict[str, Any]:
     data = spec.load()
     fit, hold, test_ds = spec.splits(device)
     groups = tuple(m.data.classes for m in job.models)
-    tasks = TaskSet(groups, ("A", "B"))
+    tasks = TaskSet(groups, tuple("ABCDEFGHIJ"[: len(groups)]))
+    if len(tasks.output_classes) < data.num_classes:  # N > 2: classes no task has are left out everywhere
+        from mergelab.data import split_classes
+
+        keep = [list(tasks.output_classes)]
+        fit, hold, test_ds = (split_classes(ds, keep, relabel=False)[0] for ds in (fit, hold, test_ds))
     models = [m.load(device) for m in job.models]
     embedding = job.heads == "embedding"
     nets = [m.net for m in models] if embedding else models
@@ -228,12 +244,13 @@ def merge_pair(job: MergeJob) -> dict[str, Any]:
     def record(method: str, model: nn.Module, **extra: Any) -> None:
         m = evaluate_multitask(model, test_loader, tasks)
         norm = m.normalized(reference)
-        rows.append({"method": method, "joint": m.joint_accuracy, "task_A": m.task_accuracy[0],
-                     "task_B": m.task_accuracy[1], "normalized": sum(norm) / len(norm), "loss_A": m.task_loss[0],
-                     "loss_B": m.task_loss[1], **extra})  # fmt: skip
+        per_task = {f"task_{n}": acc for n, acc in zip(tasks.names, m.task_accuracy, strict=True)}
+        losses = {f"loss_{n}": loss for n, loss in zip(tasks.names, m.task_loss, strict=True)}
+        rows.append({"method": method, "joint": m.joint_accuracy, **per_task, "normalized": sum(norm) / len(norm),
+                     **losses, **extra})  # fmt: skip
 
     record("ensemble", ensemble)  # normalised accuracy 1 by construction; its joint accuracy is the reference
-    record("weight average", finish(identity_alignment(structure, 2)))
+    record("weight average", finish(identity_alignment(structure, len(nets))))
     record("weight matching", finish(match_weights_many(structure, nets, seed=job.seed)))
     al_am = match_activations(structure, nets, stats=stats)
     record("activation matching", finish(al_am))
@@ -276,7 +293,7 @@ def merge_pair(job: MergeJob) -> dict[str, Any]:
         chosen[name] = best[2]
         record(name, finish(best[2]), alpha=best[1])
     landscape = None
-    if job.landscape_steps and not embedding:
+    if job.landscape_steps and not embedding and len(nets) == 2:
         names = [g.name for g in structure]
         points = {
             "A": build_multihead(nets, endpoint_alignment(al_am, 0), names),
@@ -302,7 +319,13 @@ def merge_pair(job: MergeJob) -> dict[str, Any]:
             marks={k: v.state_dict() for k, v in marks.items()}, steps=job.landscape_steps,
         )  # fmt: skip
         landscape = plane.to_dict()
-    return {"dataset": spec.name, "width": job.width, "heads": job.heads, "seed": job.seed} | {
+    return {
+        "dataset": spec.name,
+        "width": job.width,
+        "heads": job.heads,
+        "tasks": len(nets),
+        "seed": job.seed,
+    } | {
         "rows": rows,
         "sweep": sweep,
         "zip_sweep": zip_sweep,
@@ -324,17 +347,24 @@ def multitask(cfg: MultitaskConfig, out: Path, executor: Executor) -> Report:
     for h in cfg.heads:
         if h not in ("concat", "embedding"):
             raise ValueError(f"multitask: unknown heads {h!r}; choose 'concat' or 'embedding'")
-    setups = [(d, w, h) for d in cfg.datasets for w in cfg.widths for h in cfg.heads]
+    setups = [(d, w, h, 2) for d in cfg.datasets for w in cfg.widths for h in cfg.heads]
+    setups += [
+        (d, w, h, n)
+        for d in cfg.datasets
+        for w in cfg.widths
+        for n in cfg.many_tasks
+        for h in cfg.many_tasks_heads
+    ]
     jobs = {
-        (d, w, h, s, t): _train_job(cfg, out, d, w, h, s, t)
-        for d, w, h in setups
+        (d, w, h, n, s, t): _train_job(cfg, out, d, w, h, n, s, t)
+        for d, w, h, n in setups
         for s in cfg.seeds
-        for t in (0, 1)
+        for t in range(n)
     }
     trained = executor.map(run_train_job, list(jobs.values()), desc="train task models")
     merge_jobs = [
         MergeJob(
-            models=tuple(jobs[(d, w, h, s, t)] for t in (0, 1)),
+            models=tuple(jobs[(d, w, h, n, s, t)] for t in range(n)),
             seed=s,
             width=w,
             heads=h,
@@ -350,14 +380,14 @@ def multitask(cfg: MultitaskConfig, out: Path, executor: Executor) -> Report:
             stats_batches=cfg.stats_batches,
             landscape_steps=cfg.landscape_steps if s == cfg.seeds[0] else 0,
         )
-        for d, w, h in setups
+        for d, w, h, n in setups
         for s in cfg.seeds
     ]
     results = executor.map(merge_pair, merge_jobs, desc="merge seed pairs")
     report.metrics["train_accuracy"] = [
-        {"dataset": d, "width": w, "heads": h, "seed": s, "task": t, "train_accuracy": r.train_accuracy,
+        {"dataset": d, "width": w, "heads": h, "tasks": n, "seed": s, "task": t, "train_accuracy": r.train_accuracy,
          "checkpoint": r.checkpoint}
-        for (d, w, h, s, t), r in zip(jobs, trained, strict=True)
+        for (d, w, h, n, s, t), r in zip(jobs, trained, strict=True)
     ]  # fmt: skip
     report.metrics["results"] = [{k: v for k, v in r.items() if k != "landscape"} for r in results]
     _write_report(report, cfg, results, out)
@@ -374,8 +404,7 @@ def _summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry = {
             "method": m,
             "joint accuracy": mean_std(joint),
-            "task A": mean_std([row["task_A"] for row in rows]),
-            "task B": mean_std([row["task_B"] for row in rows]),
+            **{f"task {k[5:]}": mean_std([row[k] for row in rows]) for k in rows[0] if k.startswith("task_")},
             "normalised": mean_std([row["normalized"] for row in rows]),
             "joint / ensemble": float(np.mean(joint) / np.mean(ens)) if ens else float("nan"),
             "alpha": ", ".join(f"{row['alpha']:.1f}" for row in rows if "alpha" in row) or "",
@@ -405,21 +434,30 @@ def _write_report(report: Report, cfg: MultitaskConfig, results: list[dict[str, 
         f"returns at α = 0; *selected*: the best on the same held-out data of {len(cfg.zip_grid)} (α, β) pairs "
         f"{[tuple(p) for p in cfg.zip_grid]} (the same budget as MuDSC). *mudsc zip 1-pass* stops MuDSC's "
         "coordinate descent after one pass. *zipit partial (L=k)* zips the first k groups (ZipIt's defaults) "
-        "and keeps the rest per task."
+        "and keeps the rest per task. **N > 2 models** (sections marked *N tasks*): the classes are cut into N "
+        "blocks of equal size (digits, N = 3: 0–2, 3–5, 6–8; the remaining class is left out of training, "
+        "statistics and evaluation), one model per block and seed, and all N are merged at once with the same "
+        "methods (weight matching: Git Re-Basin's MergeMany; activation matching onto the first model; ZipIt and "
+        "MuDSC zip all N models' features together)."
     )
-    setups = list(dict.fromkeys((r["dataset"], r["width"], r["heads"]) for r in results))
+    setups = list(dict.fromkeys((r["dataset"], r["width"], r["heads"], r.get("tasks", 2)) for r in results))
     all_claims: list[Claim] = []
-    cols = ["method", "joint accuracy", "task A", "task B", "normalised", "joint / ensemble", "alpha"]
     summaries: dict[str, Any] = {}
-    for d, w, h in setups:
-        res = [r for r in results if (r["dataset"], r["width"], r["heads"]) == (d, w, h)]
-        tag = f"{d}-w{w}-{h}"
-        report.heading(f"{d}, {cfg.arch} width {w}, {h} heads")
+    for d, w, h, n in setups:
+        res = [
+            r for r in results if (r["dataset"], r["width"], r["heads"], r.get("tasks", 2)) == (d, w, h, n)
+        ]
+        many = "" if n == 2 else f", {n} tasks"
+        tag = f"{d}-w{w}-{h}" + ("" if n == 2 else f"-{n}tasks")
+        report.heading(f"{d}, {cfg.arch} width {w}, {h} heads{many}")
         summary = _summary(res)
         summaries[tag] = summary
-        report.table(summary, cols)
+        tasks_cols = [k for k in summary[0] if k.startswith("task ")]
+        report.table(
+            summary, ["method", "joint accuracy", *tasks_cols, "normalised", "joint / ensemble", "alpha"]
+        )
         by = {s["method"]: s for s in summary}
-        all_claims.extend(_claims(res, f"{d}, {cfg.arch} w{w}, {h}"))
+        all_claims.extend(_claims(res, f"{d}, {cfg.arch} w{w}, {h}{many}"))
         sweep = [s for r in res for s in r["sweep"]]
         if sweep:
             fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -436,12 +474,12 @@ def _write_report(report: Report, cfg: MultitaskConfig, results: list[dict[str, 
                 if name in by:
                     ax.axhline(by[name]["joint accuracy"][0], linestyle=style[1:], color=style[0], label=name)
             ax.set(xlabel="alpha (weight-space share of the similarity)", ylabel="test joint accuracy",
-                   title=f"{d}, {h} heads: alpha sweep")  # fmt: skip
+                   title=f"{d}, {h} heads{many}: alpha sweep")  # fmt: skip
             ax.legend(fontsize=8)
             report.plot(
                 fig,
                 f"alpha_sweep_{tag}.png",
-                f"MuDSC alpha sweep on {d} ({h} heads): test joint accuracy, mean ± std over seeds",
+                f"MuDSC alpha sweep on {d} ({h} heads{many}): test joint accuracy, mean ± std over seeds",
             )
         for r in res:
             if r.get("landscape"):
