@@ -83,7 +83,9 @@ def test_lm_study_smoke(tmp_path: Path) -> None:
 
     reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "lm" / "hf" / "seed-1")  # a Hugging Face folder
     assert reloaded.config.n_embd == 16
-    assert (tmp_path / "lm" / "models" / "seed-1" / "model.safetensors").is_file()  # the training job's checkpoint
+    assert (
+        tmp_path / "lm" / "models" / "seed-1" / "model.safetensors"
+    ).is_file()  # the training job's checkpoint
 
 
 @pytest.mark.slow
