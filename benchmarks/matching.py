@@ -46,10 +46,10 @@ from mergelab import io
 from mergelab.analysis.interpolate import interpolate
 from mergelab.data import load_dataset
 from mergelab.match.solvers import DEFAULT_TOL, match_activations, match_weights
-from mergelab.merge.alignment import to_basis
 from mergelab.models import build_model
 from mergelab.report import markdown_table
 from mergelab.structure import discover_structure
+from mergelab.structure.alignment import to_basis
 from mergelab.train import TrainConfig, train
 
 SEEDS = (0, 1)

@@ -12,7 +12,7 @@ from mergelab.analysis import LMCCurve, barrier, interpolate, interpolate_weight
 from mergelab.evaluation import evaluate
 from mergelab.match import match_weights
 from mergelab.merge.aligned import align_to
-from mergelab.merge.alignment import to_basis
+from mergelab.structure.alignment import to_basis
 
 
 def _data(n: int = 96, seed: int = 0):

@@ -29,7 +29,7 @@ from mergelab.match import (
     weight_similarity,
 )
 from mergelab.match.similarity import float_parameters
-from mergelab.merge.alignment import apply_alignment, to_basis
+from mergelab.structure.alignment import apply_alignment, to_basis
 from mergelab.structure.types import Probe, Structure
 
 CASES = {

@@ -22,7 +22,9 @@ from mergelab.analysis import interpolate_weights
 from mergelab.evaluation import evaluate
 from mergelab.match import match_activations, match_weights
 from mergelab.merge import merge
-from mergelab.merge.alignment import (
+from mergelab.merge.average import average_state_dicts
+from mergelab.merge.repair import channel_statistics, repair, repair_sites, reset_batchnorm
+from mergelab.structure.alignment import (
     Alignment,
     apply_alignment,
     identity_alignment,
@@ -30,8 +32,6 @@ from mergelab.merge.alignment import (
     to_basis,
     transform_tensor,
 )
-from mergelab.merge.average import average_state_dicts
-from mergelab.merge.repair import channel_statistics, repair, repair_sites, reset_batchnorm
 from mergelab.structure.types import Axis, Group, Structure
 
 # ----------------------------------------------------------------------------------------------- alignment

@@ -211,6 +211,6 @@ def test_mudsc_on_attention_recovers_a_permuted_copy(mode: str) -> None:
     b = permute(a, s, random_perms(s, gen))
     al = mudsc_alignment(s, [a, b], data, alpha=0.5, mode=mode)
     assert al.info["converged"]
-    from mergelab.merge.alignment import apply_alignment
+    from mergelab.structure.alignment import apply_alignment
 
     torch.testing.assert_close(apply_alignment([a, b], al)(data[0]), a(data[0]), atol=1e-5, rtol=1e-5)

@@ -16,10 +16,10 @@ from mergelab.analysis.tasks import TaskSet, evaluate_multitask, multitask_metri
 from mergelab.data import split_classes
 from mergelab.evaluation import evaluate
 from mergelab.match.solvers import match_activations
-from mergelab.merge.alignment import apply_alignment
 from mergelab.merge.partial import ClassEmbeddingModel, build_multihead, class_embeddings
 from mergelab.models import build_model
 from mergelab.structure import discover_structure
+from mergelab.structure.alignment import apply_alignment
 
 SHAPE = (1, 8, 8)
 

@@ -1017,3 +1017,48 @@ def test_permute_copies_module_state() -> None:
     twin = permute(model, s, random_permutations(s, 0))
     assert twin is not model and twin.stem[0].weight is not model.stem[0].weight
     assert copy.deepcopy(s) == s and math.isfinite(float(twin.stem[0].weight.detach().sum()))
+
+
+def test_param_axes_is_one_cached_index_of_every_axis() -> None:
+    s = discover_structure(TinyViT(), torch.randn(2, 1, 4, 4))
+    expected: dict[str, list] = {}
+    for g in s:
+        for a in g.axes:
+            expected.setdefault(a.param, []).append((g, a))
+    assert s.param_axes is s.param_axes  # built once
+    assert {k: list(v) for k, v in s.param_axes.items()} == expected
+    assert all(s.axes_of(k) == v for k, v in expected.items()) and s.axes_of("nope") == []
+
+
+def test_one_validator_for_permute_and_alignments() -> None:
+    """permute, to_basis and Alignment.from_permutations reject the same bad permutation the same way."""
+    from mergelab.structure import Alignment, to_basis
+
+    s = discover_structure(TinyViT(), torch.randn(2, 1, 4, 4))
+    bad = {"blocks.0.attn.q": torch.tensor([0, 1, 2, 4, 3, 5, 6, 7])}
+    for call in (
+        lambda: permute(TinyViT(), s, bad),
+        lambda: to_basis(TinyViT(), s, bad),
+        lambda: Alignment.from_permutations(s, [{}, bad]),
+    ):
+        with pytest.raises(ValueError, match="splits a block: it moves units between its 2 blocks"):
+            call()
+
+
+def test_trace_keeps_modules_marked_fx_leaf_whole() -> None:
+    """Discovery knows attention leaves by a class attribute, not by importing the zoo."""
+    from mergelab.structure import trace
+
+    class Leaf(nn.Module):
+        fx_leaf = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.inner(x) * 2
+
+    graph = trace(nn.Sequential(nn.Linear(4, 4), Leaf(), MultiHeadSelfAttention(4, 2))).graph
+    called = [n.target for n in graph.nodes if n.op == "call_module"]
+    assert called == ["0", "1", "2"]

@@ -14,10 +14,10 @@ from torch import nn
 import mergelab
 from mergelab.match.features import collect_features
 from mergelab.match.zip import GroupMatch, alignment_from_matches, permutation_match, zip_alignment, zip_match
-from mergelab.merge.alignment import apply_alignment, identity_alignment
 from mergelab.merge.partial import build_multihead, check_cut, merged_groups
 from mergelab.models import build_model
 from mergelab.structure import discover_structure, permute, random_permutations
+from mergelab.structure.alignment import apply_alignment, identity_alignment
 from mergelab.structure.types import Axis, Group, Structure
 
 SHAPE = (1, 8, 8)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from mergelab._version import __version__ as __version__
 
 # `merge` is imported eagerly: it shares its name with the `mergelab.merge` subpackage, and importing that
 # subpackage later would otherwise rebind `mergelab.merge` to the module.

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from mergelab.evaluation import batches, evaluate
-from mergelab.merge.average import check_same_architecture
 from mergelab.merge.repair import repair as repair_stats
 from mergelab.merge.repair import reset_batchnorm
 from mergelab.merge.soup import interpolate_weights
+from mergelab.structure.checks import check_same_architecture
 
 __all__ = ["LMCCurve", "barrier", "interpolate", "interpolate_weights"]
 

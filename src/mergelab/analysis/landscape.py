@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mergelab.merge.alignment import Alignment
+from mergelab.structure.alignment import Alignment
 
 __all__ = ["PlaneResult", "endpoint_alignment", "loss_plane", "plane_coordinates", "plot_plane"]
 
@@ -228,7 +228,7 @@ def plot_plane(
 def endpoint_alignment(alignment: Alignment, model: int) -> Alignment:
     """Model ``model`` alone, written in ``alignment``'s merged basis: ``M_i = U_iᵀ``, every other ``M_j = 0``.
 
-    Applying it (:func:`~mergelab.merge.alignment.apply_alignment` or
+    Applying it (:func:`~mergelab.structure.alignment.apply_alignment` or
     :func:`~mergelab.merge.partial.build_multihead`) gives the endpoint as a point of the merged parameter space.
     For a permutation alignment that is exactly the model, permuted (same function); for a zip it sums the
     model's units that share a merged unit, an approximation.
@@ -238,7 +238,7 @@ def endpoint_alignment(alignment: Alignment, model: int) -> Alignment:
         model: index of the endpoint.
 
     Returns:
-        A new :class:`~mergelab.merge.alignment.Alignment` with one-hot coefficients.
+        A new :class:`~mergelab.structure.alignment.Alignment` with one-hot coefficients.
     """
     n = alignment.num_models
     if not 0 <= model < n:

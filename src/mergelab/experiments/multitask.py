@@ -204,10 +204,10 @@ def merge_pair(job: MergeJob) -> dict[str, Any]:
     from mergelab.match.features import collect_features
     from mergelab.match.solvers import match_activations, match_weights_many
     from mergelab.match.zip import mudsc_alignment, zip_alignment
-    from mergelab.merge.alignment import identity_alignment
     from mergelab.merge.partial import ClassEmbeddingModel, build_multihead, class_embeddings
     from mergelab.merge.zipit import build_merged, head_params
     from mergelab.structure import discover_structure
+    from mergelab.structure.alignment import identity_alignment
 
     torch.set_num_threads(1)
     spec = job.models[0].data

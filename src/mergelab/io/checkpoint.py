@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergelab import __version__
+from mergelab._version import __version__
 from mergelab.io.run_dir import RunDir
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mergelab.match.features import FeatureStats
-from mergelab.merge.alignment import permute_tensor
+from mergelab.structure.transform import permute_tensor
 from mergelab.structure.types import Axis, Group, Structure
 
 __all__ = [
@@ -76,15 +76,6 @@ def unit_matrix(w: Tensor, axis: Axis, n: int) -> Tensor:
     return x.reshape(n, -1)  # (n, inner * rest)
 
 
-def _param_axes(structure: Structure, keys: Mapping[str, Tensor]) -> dict[str, list[tuple[Group, Axis]]]:
-    out: dict[str, list[tuple[Group, Axis]]] = {}
-    for g in structure:
-        for a in g.axes:
-            if a.param in keys:
-                out.setdefault(a.param, []).append((g, a))
-    return out
-
-
 class WeightSimilarity:
     """Weight-matching similarity of each group, with every per-axis term cached.
 
@@ -106,7 +97,7 @@ class WeightSimilarity:
             if k not in params_b or params_b[k].shape != v.shape:
                 got = tuple(params_b[k].shape) if k in params_b else "missing"
                 raise ValueError(f"weight similarity: {k!r} {tuple(v.shape)} in model a vs {got} in model b")
-        self.axes = _param_axes(structure, params_a)
+        self.axes = {k: v for k, v in structure.param_axes.items() if k in params_a}
         # key → (other groups' permutations used, term). Only the (n × n) terms are kept: the B rows a term was
         # computed from are rebuilt from those permutations when needed, and A's rows are sliced on demand, so
         # the cache costs O(Σ n²), not two more copies of each model.
@@ -226,7 +217,7 @@ def weight_objective(
     perms: Mapping[str, Tensor],
 ) -> float:
     """``Σ_params ⟨W_a, π(W_b)⟩``: the quantity weight matching maximises (float64)."""
-    axes = _param_axes(structure, params_a)
+    axes = structure.param_axes
     total = 0.0
     for k, wa in params_a.items():
         ops = [(a, perms[g.name]) for g, a in axes.get(k, []) if g.name in perms]

@@ -1,7 +1,7 @@
 """Permutation solvers: linear assignment (plain and block-aware), Git Re-Basin weight and activation matching.
 
 Conventions: a solved permutation ``perm`` of model ``b`` says merged unit ``j`` (= the reference's unit ``j``)
-is model ``b``'s unit ``perm[j]``; :class:`~mergelab.merge.alignment.Alignment` stores it as ``M = λ P`` with
+is model ``b``'s unit ``perm[j]``; :class:`~mergelab.structure.alignment.Alignment` stores it as ``M = λ P`` with
 ``P[j, perm[j]] = 1``.
 
 The *units of coordinate descent* are ties (``Structure.ties``): tied groups must move their blocks identically,
@@ -52,8 +52,9 @@ from mergelab.match.similarity import (
     float_parameters,
     weight_objective,
 )
-from mergelab.merge.alignment import Alignment, permute_tensor
-from mergelab.merge.average import check_same_architecture, normalize_coefficients
+from mergelab.structure.alignment import Alignment
+from mergelab.structure.checks import check_same_architecture, normalize_coefficients
+from mergelab.structure.transform import permute_tensor
 from mergelab.structure.types import Structure
 
 __all__ = [
@@ -761,11 +762,11 @@ def match_weights(
 
 
 def _permuted_params(structure: Structure, params: Mapping[str, Tensor], perms: Mapping[str, Tensor]) -> dict:
-    axes: dict[str, list] = {}
-    for g in structure:
-        for a in g.axes:
-            axes.setdefault(a.param, []).append((a, perms[g.name]))
-    return {k: permute_tensor(v, axes[k]) if k in axes else v for k, v in params.items()}
+    axes = structure.param_axes
+    return {
+        k: permute_tensor(v, [(a, perms[g.name]) for g, a in axes[k]]) if k in axes else v
+        for k, v in params.items()
+    }
 
 
 def _check_models(

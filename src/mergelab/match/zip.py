@@ -3,7 +3,7 @@
 All solvers work on one group's *joint* similarity matrix: the units of all ``N`` models concatenated (model 0's
 ``n_0`` units, then model 1's, …), an ``O × O`` matrix with ``O = Σ n_i`` — within-model blocks included. A solver
 returns a :class:`GroupMatch`: which merged unit each joint unit goes to. From it come the merge matrices
-``M_i`` (k × n_i) and unmerge matrices ``U_i`` (n_i × k) of the :class:`~mergelab.merge.alignment.Alignment`
+``M_i`` (k × n_i) and unmerge matrices ``U_i`` (n_i × k) of the :class:`~mergelab.structure.alignment.Alignment`
 contract, so one ``apply`` handles permutations and zips alike:
 
 * ``U_i[u, c] = 1`` when model ``i``'s unit ``u`` is in merged unit ``c`` (the merged feature is read back into
@@ -50,9 +50,9 @@ from torch import Tensor, nn
 from mergelab.match.features import FeatureStats, collect_features
 from mergelab.match.similarity import float_parameters, unit_matrix
 from mergelab.match.solvers import solve_block_lap, solve_lap
-from mergelab.merge.alignment import Alignment
-from mergelab.merge.average import normalize_coefficients
-from mergelab.structure.types import Axis, Group, Structure
+from mergelab.structure.alignment import Alignment
+from mergelab.structure.checks import normalize_coefficients
+from mergelab.structure.types import Axis, Structure
 
 __all__ = [
     "GroupMatch",
@@ -552,14 +552,6 @@ def zip_alignment(
 # --------------------------------------------------------------------------------------------------- MuDSC
 
 
-def _param_axes(structure: Structure) -> dict[str, list[tuple[Group, Axis]]]:
-    out: dict[str, list] = {}
-    for g in structure:
-        for a in g.axes:
-            out.setdefault(a.param, []).append((g, a))
-    return out
-
-
 def weight_vector_similarity(
     structure: Structure,
     params: Sequence[Mapping[str, Tensor]],
@@ -589,7 +581,7 @@ def weight_vector_similarity(
     g = structure[group]
     matches = dict(matches or {})
     skip = set(exclude)
-    axes = _param_axes(structure)
+    axes = structure.param_axes
     per_model: list[list[Tensor]] = [[] for _ in params]
     for axis in g.axes:
         if axis.param in skip or axis.param not in params[0]:

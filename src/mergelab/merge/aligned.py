@@ -20,11 +20,11 @@ from torch import Tensor, nn
 
 from mergelab.evaluation import split_batch
 from mergelab.match.solvers import match_activations, match_weights_many
-from mergelab.merge.alignment import Alignment, apply_alignment, to_basis
-from mergelab.merge.average import check_same_architecture
 from mergelab.merge.registry import register_method
 from mergelab.merge.repair import repair as repair_stats
 from mergelab.merge.repair import reset_batchnorm
+from mergelab.structure.alignment import Alignment, apply_alignment, to_basis
+from mergelab.structure.checks import check_same_architecture
 from mergelab.structure.types import Structure
 
 __all__ = [
@@ -108,7 +108,7 @@ def align(
         max_batches: limit on batches for activation statistics.
 
     Returns:
-        An :class:`~mergelab.merge.alignment.Alignment`; ``to_basis(models[i], al.structure, al.perms[i])``
+        An :class:`~mergelab.structure.alignment.Alignment`; ``to_basis(models[i], al.structure, al.perms[i])``
         brings model ``i`` into the merged basis.
     """
     models = list(models)

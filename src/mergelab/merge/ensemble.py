@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergelab.evaluation import batches, eval_mode
-from mergelab.merge.average import normalize_coefficients
+from mergelab.structure.checks import normalize_coefficients
 
 __all__ = ["ENSEMBLE_MODES", "Ensemble", "combine_outputs", "greedy_ensemble"]
 

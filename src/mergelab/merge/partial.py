@@ -2,7 +2,7 @@
 
 ZipIt! (Stoica et al., ICLR 2024) merges a network only up to some layer and keeps the rest of every model as a
 separate branch that reads the shared trunk through its unmerge matrix ``U_i``. Here that is one construction for
-any :class:`~mergelab.merge.alignment.Alignment` (zip or permutation) and any traceable model:
+any :class:`~mergelab.structure.alignment.Alignment` (zip or permutation) and any traceable model:
 
 * The *merged groups* must form a cut of the network: every tensor that produces a merged group's units
   (has an ``"out"`` axis there) may read only merged groups. :func:`merged_groups` picks the first ``L`` groups
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from mergelab.match.features import trace_model
-from mergelab.merge.alignment import Alignment, tensor_ops, transform_tensor
+from mergelab.structure.alignment import Alignment, tensor_ops, transform_tensor
 from mergelab.structure.types import Axis, Group, Structure
 
 __all__ = [
@@ -99,20 +99,12 @@ def merged_groups(structure: Structure, partial: int | str | None = None) -> tup
     return tuple(names[: last + 1])
 
 
-def _axes_by_param(structure: Structure) -> dict[str, list[tuple[Group, Axis]]]:
-    out: dict[str, list[tuple[Group, Axis]]] = {}
-    for g in structure:
-        for a in g.axes:
-            out.setdefault(a.param, []).append((g, a))
-    return out
-
-
 def _shared_params(structure: Structure, merged: Sequence[str]) -> set[str]:
     """Tensors with an ``"out"`` axis in a merged group (their merged value is the same in every branch)."""
     m = set(merged)
     return {
         p
-        for p, items in _axes_by_param(structure).items()
+        for p, items in structure.param_axes.items()
         if any(a.role == "out" and g.name in m for g, a in items)
     }
 
@@ -128,7 +120,7 @@ def check_cut(structure: Structure, merged: Sequence[str]) -> None:
     if unknown:
         raise ValueError(f"partial zipping: unknown groups {sorted(unknown)}")
     m = set(merged)
-    for param, items in _axes_by_param(structure).items():
+    for param, items in structure.param_axes.items():
         produces = [g.name for g, a in items if a.role == "out" and g.name in m]
         outside = [g.name for g, _ in items if g.name not in m]
         if produces and outside:
@@ -157,7 +149,7 @@ def check_compatible(models: Sequence[nn.Module], structure: Structure, op: str 
         if set(sd) != set(sds[0]):
             diff = sorted(set(sd) ^ set(sds[0]))[:5]
             raise ValueError(f"{op}: model {i} has different tensors than model 0, e.g. {diff}")
-    axes = _axes_by_param(structure)
+    axes = structure.param_axes
     for key in sds[0]:
         shapes = [tuple(sd[key].shape) for sd in sds]
         items = axes.get(key, [])
@@ -208,7 +200,7 @@ def branch_state_dicts(
             )
     check_compatible(models, structure, "partial merge")
     shared = _shared_params(structure, merged)
-    axes = _axes_by_param(structure)
+    axes = structure.param_axes
     m = set(merged)
     sds = [mod.state_dict() for mod in models]
     out: list[dict[str, Tensor]] = [{} for _ in models]
@@ -352,7 +344,7 @@ def build_multihead(
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from mergelab.merge.alignment import identity_alignment
+        >>> from mergelab.structure.alignment import identity_alignment
         >>> from mergelab.structure import discover_structure
         >>> a, b = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> s = discover_structure(a, torch.zeros(2, 4))

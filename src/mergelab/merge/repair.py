@@ -45,7 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mergelab.batchnorm import has_batchnorm, update_batchnorm
 from mergelab.evaluation import batches, eval_mode
 from mergelab.match.features import trace_model, unit_dim
-from mergelab.merge.average import check_same_architecture, normalize_coefficients
+from mergelab.structure.checks import check_same_architecture, normalize_coefficients
 
 __all__ = ["channel_statistics", "repair", "repair_sites", "reset_batchnorm"]
 

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from mergelab.evaluation import evaluate
-from mergelab.merge.average import average, average_state_dicts, check_same_architecture
+from mergelab.merge.average import average, average_state_dicts
 from mergelab.merge.registry import register_method
+from mergelab.structure.checks import check_same_architecture
 
 __all__ = [
     "AlignmentUnavailable",

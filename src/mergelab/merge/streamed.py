@@ -14,7 +14,7 @@ Each method runs the same per-tensor kernel as its in-memory version, so the res
   passes: a histogram of the magnitudes' top 16 bits, then an exact selection inside one bin);
 * ``weight_matching`` / ``activation_matching``: the models are rebuilt (zoo spec or Hugging Face config, on the
   meta device, then given the read tensors) and aligned in memory — what the solver needs — then released, and the permuted average is streamed with
-  :func:`~mergelab.merge.alignment.merge_tensor`.
+  :func:`~mergelab.structure.alignment.merge_tensor`.
 
 Which floating tensors are statistics (BatchNorm running mean/var: averaged, not task vectors) comes from the
 model spec of a mergelab checkpoint, otherwise from their names (``running_mean``, ``running_var``).
@@ -189,7 +189,8 @@ def _kernel(
 ) -> tuple[Kernel, int]:
     """The per-tensor function of ``method`` and the number of passes over the inputs it needs."""
     if method == "average":
-        from mergelab.merge.average import average_tensors, normalize_coefficients
+        from mergelab.merge.average import average_tensors
+        from mergelab.structure.checks import normalize_coefficients
 
         unknown = sorted(set(options) - {"coefficients"})
         if unknown:
@@ -228,7 +229,7 @@ def _aligned_kernel(
     op: str,
 ) -> Kernel:
     from mergelab.merge.aligned import align
-    from mergelab.merge.alignment import merge_tensor, tensor_axes
+    from mergelab.structure.alignment import merge_tensor
 
     allowed = {"coefficients", "reference", "merge_many", "max_iter", "seed", "structure", "max_batches"}
     unknown = sorted(set(options) - allowed)
@@ -245,7 +246,7 @@ def _aligned_kernel(
         example_input = default_input[0]
     alignment = align(list(models), method, data, example_input=example_input, **options)  # type: ignore[arg-type]
     del models  # the streamed apply below needs the alignment only
-    axes = tensor_axes(alignment.structure)
+    axes = alignment.structure.param_axes
     return lambda k, b, ts: merge_tensor(ts, axes.get(k, []), alignment)
 
 
@@ -389,7 +390,7 @@ def _write_config(
     options: Mapping[str, Any],
     metadata: Mapping[str, Any] | None,
 ) -> None:
-    from mergelab import __version__
+    from mergelab._version import __version__
 
     merge_info = {
         "method": method,

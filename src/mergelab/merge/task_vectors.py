@@ -45,8 +45,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mergelab.merge.average import check_same_architecture
 from mergelab.merge.registry import register_method
+from mergelab.structure.checks import check_same_architecture
 
 __all__ = [
     "TaskVectorConfig",

@@ -34,10 +34,10 @@ from mergelab.evaluation import batches, eval_mode
 from mergelab.match.features import FeatureStats, collect_features
 from mergelab.match.zip import mudsc_alignment, zip_alignment
 from mergelab.merge.aligned import example_input_for
-from mergelab.merge.alignment import Alignment, apply_alignment
 from mergelab.merge.partial import build_multihead, check_compatible, merged_groups
 from mergelab.merge.registry import register_method
 from mergelab.merge.repair import reset_batchnorm
+from mergelab.structure.alignment import Alignment, apply_alignment
 from mergelab.structure.types import Structure
 
 __all__ = ["DEFAULT_ALPHAS", "build_merged", "head_params", "mudsc", "select_alpha", "zipit"]

@@ -7,6 +7,7 @@ blocks; q and k share a permutation inside a head, v and out share another) inst
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ class MultiHeadSelfAttention(nn.Module):
         heads: number of heads; must divide ``dim`` unless ``head_dim`` is given.
         head_dim: width of one head (defaults to ``dim // heads``).
     """
+
+    # mergelab.structure.trace keeps this module as one fx leaf (its head symmetry is known as a whole).
+    fx_leaf: ClassVar[bool] = True
 
     def __init__(self, dim: int, heads: int, head_dim: int | None = None) -> None:
         super().__init__()

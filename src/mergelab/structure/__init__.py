@@ -1,4 +1,5 @@
-"""Permutation symmetries of networks: discover them from ``torch.export`` graphs, write them by hand, apply them.
+"""Permutation symmetries of networks: discover them from ``torch.export`` graphs, write them by hand, apply them;
+and the :class:`Alignment` (per-group merge/unmerge matrices) that merges several networks in one unit basis.
 
 Example:
     >>> import torch
@@ -17,6 +18,13 @@ Example:
 
 from __future__ import annotations
 
+from mergelab.structure.alignment import (
+    Alignment,
+    apply_alignment,
+    identity_alignment,
+    merge_state_dicts,
+    to_basis,
+)
 from mergelab.structure.build import (
     attention_axes,
     build_structure,
@@ -33,29 +41,38 @@ from mergelab.structure.transform import (
     invert_permutation,
     permute,
     permute_state_dict,
+    permute_tensor,
     random_permutations,
+    validate_permutation,
 )
 from mergelab.structure.types import Axis, Fixed, Group, Probe, Structure
 
 __all__ = [
+    "Alignment",
     "Axis",
     "Fixed",
     "Group",
     "Probe",
     "Structure",
+    "apply_alignment",
     "attention_axes",
     "build_structure",
     "check_permutations",
     "check_structure",
     "conv_axes",
     "discover_structure",
+    "identity_alignment",
     "identity_permutations",
     "invert_permutation",
     "linear_axes",
+    "merge_state_dicts",
     "norm_axes",
     "param_axis",
     "permute",
     "permute_state_dict",
+    "permute_tensor",
     "random_permutations",
+    "to_basis",
     "trace",
+    "validate_permutation",
 ]

@@ -26,7 +26,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from mergelab.structure.types import Axis, Structure
+from mergelab.structure.build import check_structure
+from mergelab.structure.types import Axis, Group, Structure
 
 __all__ = [
     "check_permutations",
@@ -34,60 +35,100 @@ __all__ = [
     "invert_permutation",
     "permute",
     "permute_state_dict",
+    "permute_tensor",
     "random_permutations",
+    "validate_permutation",
 ]
 
 Perms = Mapping[str, Tensor | Sequence[int]]
 
 
-def _as_index(name: str, perm: Tensor | Sequence[int]) -> Tensor:
+def _as_index(name: str, perm: Tensor | Sequence[int], where: str = "") -> Tensor:
     t = torch.as_tensor(perm)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise ValueError(f"permutation for group {name!r}: expected integer indices, got dtype {t.dtype}")
+        raise ValueError(
+            f"permutation for group {name!r}{where}: expected integer indices, got dtype {t.dtype}"
+        )
     return t.to(torch.long)
 
 
-def check_permutations(structure: Structure, perms: Perms) -> None:
+def validate_permutation(group: Group, perm: Tensor | Sequence[int], where: str = "") -> Tensor:
+    """Check that ``perm`` permutes ``group``'s units and moves its blocks only as wholes.
+
+    The one check of a single group's permutation (:func:`check_permutations` adds names and ties, an
+    :class:`~mergelab.structure.alignment.Alignment` uses it for every model).
+
+    Args:
+        group: the group the permutation acts on.
+        perm: integer index vector of length ``group.size``.
+        where: context for the error message (e.g. ``"model 1"``).
+
+    Returns:
+        ``perm`` as an int64 CPU tensor.
+
+    Raises:
+        ValueError: non-integer indices, a wrong length, indices that are not a permutation, or a permutation
+            that splits one of the group's blocks.
+    """
+    ctx = f" ({where})" if where else ""
+    p = _as_index(group.name, perm, ctx).cpu()
+    if p.shape != (group.size,):
+        raise ValueError(
+            f"permutation for group {group.name!r}{ctx}: shape {tuple(p.shape)}, expected ({group.size},) "
+            f"for its {group.size} units"
+        )
+    if not torch.equal(torch.sort(p).values, torch.arange(group.size)):
+        raise ValueError(
+            f"permutation for group {group.name!r}{ctx}: {p.tolist()[:8]}... is not a permutation of "
+            f"0..{group.size - 1}"
+        )
+    if group.blocks > 1:
+        blk = (p // group.block_size).view(group.blocks, group.block_size)
+        if not bool((blk == blk[:, :1]).all()):
+            raise ValueError(
+                f"permutation for group {group.name!r}{ctx} splits a block: it moves units between its "
+                f"{group.blocks} blocks of {group.block_size}"
+            )
+    return p
+
+
+def check_permutations(structure: Structure, perms: Perms, where: str = "") -> dict[str, Tensor]:
     """Check that ``perms`` is a valid set of permutations for ``structure``.
 
     Groups missing from ``perms`` count as the identity.
+
+    Args:
+        structure: the groups.
+        perms: ``{group: index vector}``.
+        where: context for the error message (e.g. ``"model 1"``).
+
+    Returns:
+        The given permutations as int64 CPU tensors (see :func:`validate_permutation`).
 
     Raises:
         ValueError: an unknown group name, a wrong size, indices that are not a permutation, a permutation that
             breaks a group's blocks, or tied groups whose block permutations differ.
     """
+    ctx = f" ({where})" if where else ""
     names = {g.name for g in structure}
     unknown = sorted(set(perms) - names)
     if unknown:
-        raise ValueError(f"permutations for unknown groups {unknown}; groups: {sorted(names)}")
-    block_perms: dict[str, Tensor] = {}
-    for g in structure:
-        if g.name not in perms:
-            block_perms[g.name] = torch.arange(g.blocks)
-            continue
-        p = _as_index(g.name, perms[g.name])
-        if p.shape != (g.size,):
-            raise ValueError(
-                f"permutation for group {g.name!r}: shape {tuple(p.shape)}, expected ({g.size},)"
-            )
-        if not torch.equal(torch.sort(p.cpu()).values, torch.arange(g.size)):
-            raise ValueError(
-                f"permutation for group {g.name!r} is not a permutation of 0..{g.size - 1}: {p.tolist()}"
-            )
-        blk = p.cpu().reshape(g.blocks, g.block_size) // g.block_size
-        if not bool((blk == blk[:, :1]).all()):
-            raise ValueError(
-                f"permutation for group {g.name!r} moves units between its {g.blocks} blocks of {g.block_size}"
-            )
-        block_perms[g.name] = blk[:, 0]
+        raise ValueError(f"permutations{ctx} for unknown groups {unknown}; groups: {sorted(names)}")
+    checked = {g.name: validate_permutation(g, perms[g.name], where) for g in structure if g.name in perms}
     for tie in structure.ties:
-        first = block_perms[tie[0]]
-        for other in tie[1:]:
-            if not torch.equal(block_perms[other], first):
+        blocks = [
+            checked[n][:: structure[n].block_size] // structure[n].block_size
+            if n in checked
+            else torch.arange(structure[n].blocks)
+            for n in tie
+        ]
+        for other, blk in zip(tie[1:], blocks[1:], strict=True):
+            if not torch.equal(blk, blocks[0]):
                 raise ValueError(
-                    f"tied groups {tie[0]!r} and {other!r} permute their blocks differently: "
-                    f"{first.tolist()} vs {block_perms[other].tolist()}"
+                    f"tied groups {tie[0]!r} and {other!r}{ctx} permute their blocks differently: "
+                    f"{blocks[0].tolist()} vs {blk.tolist()}"
                 )
+    return checked
 
 
 def identity_permutations(structure: Structure) -> dict[str, Tensor]:
@@ -137,12 +178,40 @@ def invert_permutation(perm: Tensor) -> Tensor:
     return inv
 
 
-def _axis_index(axis: Axis, size: int, length: int, perm: Tensor, device: torch.device) -> Tensor:
-    """Full index along a tensor axis of ``length`` entries that applies ``perm`` to the axis' slice."""
-    idx = torch.arange(length, device=device)
-    units = perm.to(device)[:, None] * axis.inner + torch.arange(axis.inner, device=device)  # (size, inner)
-    idx[axis.start : axis.start + size * axis.inner] = axis.start + units.reshape(-1)
+def _axis_index(dim_size: int, axis: Axis, perm: Tensor) -> Tensor:
+    """Index vector along ``axis.dim`` that reorders the group's slice by ``perm`` (inner entries move along)."""
+    idx = torch.arange(dim_size)
+    n = perm.numel()
+    sub = (perm.view(n, 1) * axis.inner + torch.arange(axis.inner).view(1, -1)).flatten()  # (n * inner,)
+    idx[axis.start : axis.start + n * axis.inner] = axis.start + sub
     return idx
+
+
+def permute_tensor(w: Tensor, ops: Sequence[tuple[Axis, Tensor]]) -> Tensor:
+    """Reorder each axis's units: entry ``j`` of the result is unit ``perm[j]`` of ``w`` (one gather per dim).
+
+    The one permutation kernel: :func:`permute_state_dict`, the similarity of weight matching and the
+    permutation fast path of :func:`~mergelab.structure.alignment.merge_tensor` all use it. Several axes may
+    share a dimension (packed parameters with different ``start``); each reorders only its own slice.
+
+    Args:
+        w: the tensor.
+        ops: pairs ``(axis, perm)``; the permutations are not checked (see :func:`validate_permutation`).
+
+    Returns:
+        A new tensor (``w`` itself when ``ops`` is empty).
+    """
+    index: dict[int, Tensor] = {}
+    for axis, perm in ops:
+        if axis.dim not in index:
+            index[axis.dim] = torch.arange(w.shape[axis.dim])
+        cur = index[axis.dim]
+        sub = _axis_index(w.shape[axis.dim], axis, perm.cpu())
+        lo, hi = axis.start, axis.start + perm.numel() * axis.inner
+        cur[lo:hi] = sub[lo:hi]
+    for dim, idx in index.items():
+        w = w.index_select(dim, idx.to(w.device))
+    return w
 
 
 def permute_state_dict(
@@ -159,25 +228,16 @@ def permute_state_dict(
         A new dict; permuted tensors are new, untouched ones are the same tensor objects as in the input.
 
     Raises:
-        ValueError: invalid permutations (see :func:`check_permutations`) or an axis naming a missing tensor.
+        ValueError: invalid permutations (see :func:`check_permutations`) or an axis that names a missing
+            tensor or does not fit it (see :func:`~mergelab.structure.build.check_structure`).
     """
-    check_permutations(structure, perms)
+    checked = check_permutations(structure, perms)
+    check_structure(structure, state_dict)
     out = dict(state_dict)
-    for g in structure:
-        if g.name not in perms:
-            continue
-        p = _as_index(g.name, perms[g.name])
-        for a in g.axes:
-            if a.param not in out:
-                raise ValueError(
-                    f"permute_state_dict: group {g.name!r} names {a.param!r}, not in the state_dict"
-                )
-            t = out[a.param]
-            if a.dim >= t.dim() or a.start + g.size * a.inner > t.shape[a.dim]:
-                raise ValueError(
-                    f"permute_state_dict: group {g.name!r} axis {a} does not fit {a.param!r} {tuple(t.shape)}"
-                )
-            out[a.param] = t.index_select(a.dim, _axis_index(a, g.size, t.shape[a.dim], p, t.device))
+    for key, items in structure.param_axes.items():
+        ops = [(a, checked[g.name]) for g, a in items if g.name in checked]
+        if ops:
+            out[key] = permute_tensor(out[key], ops)
     return out
 
 

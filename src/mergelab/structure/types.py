@@ -35,8 +35,9 @@ layer share the head permutation).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 Role = Literal["in", "out"]
@@ -203,9 +204,22 @@ class Structure:
                 out.append(tie)
         return out
 
+    @cached_property
+    def param_axes(self) -> Mapping[str, tuple[tuple[Group, Axis], ...]]:
+        """``state_dict`` key → every (group, axis) that touches it, in structure order.
+
+        Built once per structure (the dataclass is frozen, so it cannot go stale); every merge, similarity and
+        permutation walks tensors through it instead of re-scanning the groups.
+        """
+        out: dict[str, list[tuple[Group, Axis]]] = {}
+        for g in self.groups:
+            for a in g.axes:
+                out.setdefault(a.param, []).append((g, a))
+        return {k: tuple(v) for k, v in out.items()}
+
     def axes_of(self, param: str) -> list[tuple[Group, Axis]]:
         """Every (group, axis) that touches ``param``."""
-        return [(g, a) for g in self.groups for a in g.axes if a.param == param]
+        return list(self.param_axes.get(param, ()))
 
     def coverage(self) -> float:
         """Fraction of hidden entries (units × inner) that some group permutes; 1.0 when nothing hidden is fixed."""

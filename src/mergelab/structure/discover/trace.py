@@ -10,16 +10,24 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from mergelab.models.attention import MultiHeadSelfAttention
-
 __all__ = ["trace"]
+
+
+def _is_fx_leaf(module: nn.Module) -> bool:
+    """Whether :func:`trace` keeps ``module`` as one call instead of tracing into it.
+
+    ``nn.MultiheadAttention`` and any module whose class sets ``fx_leaf = True`` (the zoo's
+    ``MultiHeadSelfAttention``): attention modules whose symmetry is known as a whole. A class attribute, not
+    an import of the zoo, so discovery stays below ``mergelab.models``.
+    """
+    return isinstance(module, nn.MultiheadAttention) or getattr(type(module), "fx_leaf", False) is True
 
 
 class _Tracer(fx.Tracer):
     """``torch.fx`` tracer that keeps the attention modules with a known symmetry as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (MultiHeadSelfAttention, nn.MultiheadAttention)):
+        if _is_fx_leaf(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

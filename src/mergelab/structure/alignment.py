@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mergelab.merge.average import check_same_architecture, normalize_coefficients
+from mergelab.structure.build import check_structure
+from mergelab.structure.checks import check_same_architecture, normalize_coefficients
+from mergelab.structure.transform import check_permutations, permute, permute_tensor
 from mergelab.structure.types import Axis, Group, Structure
 
 __all__ = [
@@ -36,11 +38,9 @@ __all__ = [
     "identity_alignment",
     "merge_state_dicts",
     "merge_tensor",
-    "permute_tensor",
-    "tensor_axes",
+    "tensor_ops",
     "to_basis",
     "transform_tensor",
-    "validate_permutation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -139,16 +139,8 @@ class Alignment:
         )
         perms: list[dict[str, Tensor]] = []
         for i, pm in enumerate(perms_per_model):
-            unknown = set(pm) - {g.name for g in structure}
-            if unknown:
-                raise ValueError(
-                    f"Alignment.from_permutations: model {i} names unknown groups {sorted(unknown)}"
-                )
-            full = {}
-            for g in structure:
-                p = pm.get(g.name)
-                full[g.name] = torch.arange(g.size) if p is None else validate_permutation(g, p, f"model {i}")
-            perms.append(full)
+            checked = check_permutations(structure, pm, f"Alignment.from_permutations, model {i}")
+            perms.append({g.name: checked.get(g.name, torch.arange(g.size)) for g in structure})
         # Dense matrices are built on first access only: the merge itself uses the index vectors.
         merges = _PermMatrices(perms, coefs, transpose=False)
         unmerges = _PermMatrices(perms, coefs, transpose=True)
@@ -187,28 +179,6 @@ class _PermMatrices(Mapping[str, tuple[Tensor, ...]]):
         return len(self._perms[0])
 
 
-def validate_permutation(group: Group, perm: Tensor | Sequence[int], where: str = "") -> Tensor:
-    """Check that ``perm`` permutes ``group``'s units and moves its blocks only as wholes; return it as int64."""
-    p = torch.as_tensor(perm, dtype=torch.long).flatten().cpu()
-    ctx = f" ({where})" if where else ""
-    if p.numel() != group.size:
-        raise ValueError(
-            f"group {group.name!r}{ctx}: permutation has {p.numel()} entries for {group.size} units"
-        )
-    if not torch.equal(torch.sort(p).values, torch.arange(group.size)):
-        raise ValueError(
-            f"group {group.name!r}{ctx}: {p.tolist()[:8]}... is not a permutation of 0..{group.size - 1}"
-        )
-    if group.blocks > 1:
-        blk = (p // group.block_size).view(group.blocks, group.block_size)
-        if not bool((blk == blk[:, :1]).all()):
-            raise ValueError(
-                f"group {group.name!r}{ctx}: permutation splits a block of {group.block_size} units "
-                f"({group.blocks} blocks must move as wholes)"
-            )
-    return p
-
-
 def identity_alignment(
     structure: Structure, n: int, coefficients: Sequence[float] | None = None
 ) -> Alignment:
@@ -226,16 +196,6 @@ def _perm_matrix(perm: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------- tensors
-
-
-def _check_axis(key: str, shape: torch.Size, group: Group, axis: Axis) -> None:
-    if axis.dim >= len(shape):
-        raise ValueError(f"{key!r} {tuple(shape)}: group {group.name!r} names dim {axis.dim}")
-    end = axis.start + group.size * axis.inner
-    if end > shape[axis.dim]:
-        raise ValueError(
-            f"{key!r} {tuple(shape)}: group {group.name!r} needs entries [{axis.start}, {end}) of dim {axis.dim}"
-        )
 
 
 def transform_tensor(w: Tensor, ops: Sequence[tuple[Axis, Tensor]]) -> Tensor:
@@ -269,50 +229,6 @@ def transform_tensor(w: Tensor, ops: Sequence[tuple[Axis, Tensor]]) -> Tensor:
     return out.contiguous()
 
 
-def _axis_index(dim_size: int, axis: Axis, perm: Tensor) -> Tensor:
-    """Index vector along ``axis.dim`` that reorders the group's slice by ``perm`` (inner entries move along)."""
-    idx = torch.arange(dim_size)
-    n = perm.numel()
-    sub = (perm.view(n, 1) * axis.inner + torch.arange(axis.inner).view(1, -1)).flatten()
-    idx[axis.start : axis.start + n * axis.inner] = axis.start + sub
-    return idx
-
-
-def permute_tensor(w: Tensor, ops: Sequence[tuple[Axis, Tensor]]) -> Tensor:
-    """Reorder each axis's units: entry ``j`` of the result is unit ``perm[j]`` of ``w`` (one gather per dim)."""
-    index: dict[int, Tensor] = {}
-    for axis, perm in ops:
-        if axis.dim not in index:
-            index[axis.dim] = torch.arange(w.shape[axis.dim])
-        cur = index[axis.dim]
-        sub = _axis_index(w.shape[axis.dim], axis, perm.cpu())
-        lo, hi = axis.start, axis.start + perm.numel() * axis.inner
-        cur[lo:hi] = sub[lo:hi]
-    for dim, idx in index.items():
-        w = w.index_select(dim, idx.to(w.device))
-    return w
-
-
-def _param_axes(structure: Structure) -> dict[str, list[tuple[Group, Axis]]]:
-    out: dict[str, list[tuple[Group, Axis]]] = {}
-    for g in structure:
-        for a in g.axes:
-            out.setdefault(a.param, []).append((g, a))
-    return out
-
-
-def _check_structure(
-    structure: Structure, sd: Mapping[str, Tensor], op: str
-) -> dict[str, list[tuple[Group, Axis]]]:
-    axes = _param_axes(structure)
-    for key, items in axes.items():
-        if key not in sd:
-            raise ValueError(f"{op}: structure names {key!r}, which is not in the model's state_dict")
-        for g, a in items:
-            _check_axis(key, sd[key].shape, g, a)
-    return axes
-
-
 def tensor_ops(
     items: Sequence[tuple[Group, Axis]], alignment: Alignment, i: int
 ) -> list[tuple[Axis, Tensor]]:
@@ -343,9 +259,10 @@ def merge_state_dicts(state_dicts: Sequence[Mapping[str, Tensor]], alignment: Al
         raise ValueError(
             f"merge_state_dicts: {len(state_dicts)} state dicts for an alignment of {alignment.num_models} models"
         )
-    axes = _check_structure(alignment.structure, state_dicts[0], "merge_state_dicts")
+    check_structure(alignment.structure, state_dicts[0])
+    axes = alignment.structure.param_axes
     return {
-        key: merge_tensor([sd[key] for sd in state_dicts], axes.get(key, []), alignment)
+        key: merge_tensor([sd[key] for sd in state_dicts], axes.get(key, ()), alignment)
         for key in state_dicts[0]
     }
 
@@ -381,11 +298,6 @@ def merge_tensor(
             total = t if total is None else total + t
     assert total is not None
     return total.to(v0.dtype)
-
-
-def tensor_axes(structure: Structure) -> dict[str, list[tuple[Group, Axis]]]:
-    """``state_dict`` key → the ``(group, axis)`` pairs that touch it."""
-    return _param_axes(structure)
 
 
 def apply_alignment(models: Sequence[nn.Module], alignment: Alignment) -> nn.Module:
@@ -432,7 +344,8 @@ def to_basis(model: nn.Module, structure: Structure, perm: Perms) -> nn.Module:
     """Re-express ``model`` in another unit basis: new unit ``j`` of group ``g`` is old unit ``perm[g][j]``.
 
     The function computed by the model does not change. Use it to bring an endpoint into the merged basis
-    (``alignment.perms[i]``) before comparing activations or interpolating.
+    (``alignment.perms[i]``) before comparing activations or interpolating. It is
+    :func:`~mergelab.structure.transform.permute` under the name that says why it is called.
 
     Args:
         model: the network (not modified).
@@ -442,17 +355,4 @@ def to_basis(model: nn.Module, structure: Structure, perm: Perms) -> nn.Module:
     Returns:
         A permuted deep copy.
     """
-    sd = model.state_dict()
-    axes = _check_structure(structure, sd, "to_basis")
-    perms = {g.name: validate_permutation(g, perm[g.name], "to_basis") for g in structure if g.name in perm}
-    unknown = set(perm) - {g.name for g in structure}
-    if unknown:
-        raise ValueError(f"to_basis: unknown groups {sorted(unknown)}")
-    new_sd = {}
-    with torch.no_grad():
-        for key, w in sd.items():
-            ops = [(a, perms[g.name]) for g, a in axes.get(key, []) if g.name in perms]
-            new_sd[key] = permute_tensor(w, ops) if ops else w.clone()
-    out = copy.deepcopy(model)
-    out.load_state_dict(new_sd)
-    return out
+    return permute(model, structure, perm)
