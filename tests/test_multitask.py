@@ -152,7 +152,7 @@ def test_endpoint_alignment_places_a_model_exactly_in_the_merged_basis() -> None
 # ----------------------------------------------------------------------------------------------- the study
 
 TINY = ["datasets=[\"digits\"]", "widths=[12]", "depth=2", "epochs=1", "seeds=[0, 1]", "alphas=[0.5]", "max_iter=2",
-        "landscape_steps=3", "partial_cuts=[1]", "heads=[\"concat\"]", "zip_grid=[[0.3, 0.125], [0.5, 1.0]]"]  # fmt: skip
+        "landscape_steps=3", "partial_cuts=[1]", "heads=[\"concat\"]", "zip_grid=[[0.3, 0.125], [0.5, 1.0]]", "deep_depth=5"]  # fmt: skip
 
 
 def test_multitask_study_runs_end_to_end(tmp_path: Path) -> None:
@@ -188,6 +188,15 @@ def test_multitask_study_runs_end_to_end(tmp_path: Path) -> None:
     assert len(three) == 2 and all(0.0 <= row["joint"] <= 1.0 for r in three for row in r["rows"])
     assert any("3 tasks" in c["setting"] for c in claims)
     assert not (tmp_path / "run" / "landscape_digits-w12-concat-3tasks.png").exists()
+    # the partial-zipping cut sweep on a deeper net: every cut 1..4, its figure and a claim at ZipIt's ratio
+    deep = [r for r in metrics["metrics"]["results"] if r["depth"] == 5]
+    assert {row["method"] for row in deep[0]["rows"]} >= {
+        "zipit partial (L=3)",
+        "zipit partial (L=1)",
+        "ensemble",
+    }
+    assert (tmp_path / "run" / "partial_cuts_digits-w12-concat-depth5.png").exists()
+    assert any("ZipIt's 13/20" in c["claim"] for c in claims)
 
 
 @pytest.mark.slow

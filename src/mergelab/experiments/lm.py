@@ -143,6 +143,7 @@ def lm_pair_job(job: PairJob) -> dict[str, Any]:
     import mergelab
     from mergelab.analysis.interpolate import interpolate
     from mergelab.evaluation import evaluate
+    from mergelab.match.context import match_context
     from mergelab.merge.aligned import align_to
 
     torch.set_num_threads(1)
@@ -156,7 +157,7 @@ def lm_pair_job(job: PairJob) -> dict[str, Any]:
     stats = list(DataLoader(_subset(corpus.train, cfg.stat_batches * bs, 1), batch_size=bs))
     t0 = time.perf_counter()
     paths: dict[str, dict[str, Any]] = {}
-    structure: Any = None  # discovered once per pair, shared by the aligned methods
+    ctx: Any = None  # one match context per pair: structure and statistics shared by the aligned methods
     discover_seconds = 0.0
     for method in cfg.methods:
         try:
@@ -165,12 +166,12 @@ def lm_pair_job(job: PairJob) -> dict[str, Any]:
                 b_path = b
                 merged = mergelab.merge([a, b], method="average")
             else:
-                if structure is None:
-                    structure = mergelab.discover_structure(a, stats[0][0][:2])
+                if ctx is None:
+                    ctx = match_context([a, b], stats, example_input=stats[0][0][:2])
                     discover_seconds = time.perf_counter() - start
                     start = time.perf_counter()
-                b_path = align_to(a, b, method=method, data=stats, structure=structure)
-                merged = mergelab.merge([a, b], method=method, data=stats, structure=structure)
+                b_path = align_to(a, b, method=method, context=ctx)
+                merged = mergelab.merge([a, b], method=method, context=ctx)
             align_seconds = time.perf_counter() - start
         except Exception as e:  # noqa: BLE001 — an unsupported model is a result of the study, not a crash
             log.warning("lm study: %s failed on seeds %s: %s", method, job.seeds, e)
@@ -191,7 +192,7 @@ def lm_pair_job(job: PairJob) -> dict[str, Any]:
         "seeds": job.seeds,
         "paths": paths,
         "discover_seconds": discover_seconds,
-        "structure": None if structure is None else _describe(structure),
+        "structure": None if ctx is None else _describe(ctx.structure),
         "seconds": time.perf_counter() - t0,
     }
 
@@ -278,8 +279,8 @@ def lm(cfg: LMConfig, out: Path, executor: Executor) -> Report:
         seconds = mean_std([r["discover_seconds"] for r in results])
         report.heading("Discovered structure")
         report.text(
-            f"`mergelab.discover_structure` on model A (once per pair, {seconds[0]:.1f} s each), shared by the "
-            "aligned methods:\n\n```\n" + described.rstrip() + "\n```"
+            f"`mergelab.match_context` discovers it on model A once per pair ({seconds[0]:.1f} s each); the aligned "
+            "methods share it and its activation statistics:\n\n```\n" + described.rstrip() + "\n```"
         )
     report.heading("Curves")
     fig_path = _plot(cfg, results, out)
