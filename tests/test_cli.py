@@ -116,6 +116,19 @@ def test_console_script_entry_point() -> None:
     assert res.returncode == 0, res.stderr
     for name in ("weight_matching", "zipit", "ties", "mlp", "lmc"):
         assert name in res.stdout
+    # every method's options, with defaults and one line of help from its docstring
+    assert "zip_alpha=0.5" in res.stdout and "seeds the random drops" in res.stdout
+
+
+def test_merge_help_lists_every_methods_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from mergelab.merge import METHODS, list_methods
+
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    out = capsys.readouterr().out
+    for name in list_methods():
+        line = next(x for x in out.splitlines() if x.strip().startswith(f"{name}:"))
+        assert all(o.describe() in line for o in METHODS[name].options if not o.python_only), name
 
 
 def test_demo_runs_on_tiny_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -360,7 +360,7 @@ def test_sparse_lap_is_exact_and_warm_starts(n: int) -> None:
 
 
 def test_auto_lap_uses_the_sparse_path_only_where_it_pays() -> None:
-    from mergelab.match.solvers import _SPARSE_MIN_SIZE, solve_lap_warm
+    from mergelab.match.lap import _SPARSE_MIN_SIZE, solve_lap_warm
 
     n = _SPARSE_MIN_SIZE
     sim = torch.randn(n, n, generator=torch.Generator().manual_seed(0))

@@ -7,19 +7,12 @@ import torch
 from torch import nn
 
 import mergelab
+from mergelab.match.dual import dual_similarity, mudsc_alignment, weight_vector_similarity
 from mergelab.match.features import collect_features
+from mergelab.match.group_match import GroupMatch, joint_activation_similarity, permutation_match
 from mergelab.match.similarity import float_parameters
 from mergelab.match.solvers import match_activations
-from mergelab.match.zip import (
-    GroupMatch,
-    dual_similarity,
-    joint_activation_similarity,
-    mudsc_alignment,
-    permutation_match,
-    weight_vector_similarity,
-    zip_alignment,
-    zip_match,
-)
+from mergelab.match.zip import zip_alignment, zip_match
 from mergelab.models import build_model
 from mergelab.structure import discover_structure, permute, random_permutations
 from mergelab.structure.types import Structure
@@ -167,9 +160,18 @@ def test_mudsc_method_with_cli_style_options() -> None:
     a, b = _mlp(0), _mlp(1)
     data = _data()
     x = torch.randn(4, *SHAPE)
-    m = mergelab.merge([a, b], method="mudsc", data=data, alpha=0.5, mode="align", partial=1, heads="concat")
-    assert m(x).shape == (4, 10)
-    assert m.mergelab_merge_info["method"] == "mudsc-align" and m.mergelab_merge_info["partial"] == 1
+    res = mergelab.merge(
+        [a, b],
+        method="mudsc",
+        data=data,
+        alpha=0.5,
+        mode="align",
+        partial=1,
+        heads="concat",
+        return_info=True,
+    )
+    assert res.model(x).shape == (4, 10)
+    assert res.info["method"] == "mudsc-align" and res.info["partial"] == 1
     m = mergelab.merge([a, b], method="mudsc", data=data, alpha=0.0, zip_alpha=0.5, zip_beta=1.0)
     z = mergelab.merge([a, b], method="zipit", data=data, alpha=0.5, beta=1.0)
     torch.testing.assert_close(m(x), z(x))  # alpha = 0 is ZipIt
@@ -185,8 +187,9 @@ def test_mudsc_chooses_alpha_on_labelled_data() -> None:
         heads="concat",
         alphas=[0.2, 0.8],
         tasks=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
+        return_info=True,
     )
-    info = m.mergelab_merge_info
+    info = m.info
     assert set(info["alpha_scores"]) == {0.2, 0.8}
     assert info["alpha"] == max(info["alpha_scores"], key=lambda k: (info["alpha_scores"][k], -k))
     with pytest.raises(ValueError, match="labelled"):

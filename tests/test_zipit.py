@@ -13,7 +13,8 @@ from torch import nn
 
 import mergelab
 from mergelab.match.features import collect_features
-from mergelab.match.zip import GroupMatch, alignment_from_matches, permutation_match, zip_alignment, zip_match
+from mergelab.match.group_match import GroupMatch, alignment_from_matches, permutation_match
+from mergelab.match.zip import zip_alignment, zip_match
 from mergelab.merge.partial import build_multihead, check_cut, merged_groups
 from mergelab.models import build_model
 from mergelab.structure import discover_structure, permute, random_permutations
@@ -328,11 +329,18 @@ def test_partial_cut_must_be_a_prefix() -> None:
 def test_zipit_method_options_and_errors() -> None:
     a, b = _mlp(0), _mlp(1)
     data = _data()
-    m = mergelab.merge(
-        [a, b], method="zipit", data=data, alpha=0.0, beta=0.0, solver="permute", heads="concat"
+    res = mergelab.merge(
+        [a, b],
+        method="zipit",
+        data=data,
+        alpha=0.0,
+        beta=0.0,
+        solver="permute",
+        heads="concat",
+        return_info=True,
     )
-    assert m(torch.zeros(2, *SHAPE)).shape == (2, 10)
-    assert m.mergelab_merge_info["method"] == "permute"
+    assert res.model(torch.zeros(2, *SHAPE)).shape == (2, 10)
+    assert res.info["method"] == "permute"
     with pytest.raises(ValueError, match="needs data"):
         mergelab.merge([a, b], method="zipit")
     with pytest.raises(ValueError, match="heads='concat'"):

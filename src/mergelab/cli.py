@@ -355,15 +355,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from mergelab.experiments import list_studies
+    from mergelab.match.registry import SOLVERS
     from mergelab.merge import METHODS, list_methods
     from mergelab.models import list_models
 
     print("architectures:", ", ".join(list_models()))
-    print("merge methods:")
+    print("merge methods (options: --option KEY=VALUE):")
     for name in list_methods():
         print(f"  {name:22s} {METHODS[name].summary}")
+        for o in METHODS[name].options:
+            if not o.python_only:
+                print(f"      {o.describe():34s} {o.help}")
+    print("solvers (merge_aligned / align):", ", ".join(sorted(SOLVERS)))
     print("studies:", ", ".join(list_studies()))
     return 0
+
+
+def method_options_text() -> str:
+    """Every merge method with its CLI options and defaults (``mergelab merge --help``)."""
+    from mergelab.merge import METHODS, list_methods
+
+    lines = ["method options (--option KEY=VALUE; `mergelab list` describes each):"]
+    for name in list_methods():
+        opts = [o.describe() for o in METHODS[name].options if not o.python_only]
+        lines.append(f"  {name}: {', '.join(opts) if opts else '(none)'}")
+    return "\n".join(lines)
+
+
+class _MergeParser(argparse.ArgumentParser):
+    """The ``merge`` sub-command's parser: its help ends with every method's options, listed only when asked for
+    (listing them loads every method)."""
+
+    def format_help(self) -> str:
+        return super().format_help() + "\n" + method_options_text() + "\n"
 
 
 # ------------------------------------------------------------------------------------------------- parser
@@ -423,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     p.set_defaults(fn=cmd_eval)
 
+    default_class, sub._parser_class = sub._parser_class, _MergeParser  # the one sub-command with lazy help
     p = sub.add_parser(
         "merge",
         help="merge checkpoints into one model",
@@ -453,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing --out folder")
     p.set_defaults(fn=cmd_merge)
+    sub._parser_class = default_class
 
     p = sub.add_parser(
         "interpolate", help="linear-mode-connectivity curve and barrier between two checkpoints"

@@ -9,7 +9,7 @@ Coordinates are Euclidean in parameter space (floating-point tensors only; integ
 template): anchor 0 is the origin, anchor 1 lies on the positive x axis, anchor 2 in the upper half plane.
 
 The models must share one basis. For models of different tasks merged with a multi-head model, express each
-endpoint in the merged basis with :func:`endpoint_alignment` — exact for a permutation alignment (the endpoint's
+endpoint in the merged basis with :func:`~mergelab.merge.aligned.endpoint_alignment` (re-exported here) — exact for a permutation alignment (the endpoint's
 function is unchanged), so use a permutation alignment (e.g. activation matching) to place the endpoints and mark
 zip merges as further points.
 """
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mergelab.structure.alignment import Alignment
+from mergelab.merge.aligned import endpoint_alignment
 
 __all__ = ["PlaneResult", "endpoint_alignment", "loss_plane", "plane_coordinates", "plot_plane"]
 
@@ -223,33 +223,3 @@ def plot_plane(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def endpoint_alignment(alignment: Alignment, model: int) -> Alignment:
-    """Model ``model`` alone, written in ``alignment``'s merged basis: ``M_i = U_iᵀ``, every other ``M_j = 0``.
-
-    Applying it (:func:`~mergelab.structure.alignment.apply_alignment` or
-    :func:`~mergelab.merge.partial.build_multihead`) gives the endpoint as a point of the merged parameter space.
-    For a permutation alignment that is exactly the model, permuted (same function); for a zip it sums the
-    model's units that share a merged unit, an approximation.
-
-    Args:
-        alignment: the reference alignment.
-        model: index of the endpoint.
-
-    Returns:
-        A new :class:`~mergelab.structure.alignment.Alignment` with one-hot coefficients.
-    """
-    n = alignment.num_models
-    if not 0 <= model < n:
-        raise ValueError(f"endpoint_alignment: model {model} out of range for {n} models")
-    merges = {}
-    for g in alignment.structure:
-        us = alignment.unmerges[g.name]
-        merges[g.name] = tuple(
-            us[i].T.contiguous() if i == model else torch.zeros(us[i].shape[1], us[i].shape[0])
-            for i in range(n)
-        )
-    coefs = tuple(1.0 if i == model else 0.0 for i in range(n))
-    info = {"method": "endpoint", "model": model}
-    return Alignment(alignment.structure, merges, dict(alignment.unmerges), coefs, None, info)

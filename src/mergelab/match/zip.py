@@ -1,15 +1,4 @@
-"""ZipIt!'s many-to-one matching ("zip"), permutation matching, and MuDSC's dual-space search — as M/U matrices.
-
-All solvers work on one group's *joint* similarity matrix: the units of all ``N`` models concatenated (model 0's
-``n_0`` units, then model 1's, …), an ``O × O`` matrix with ``O = Σ n_i`` — within-model blocks included. A solver
-returns a :class:`GroupMatch`: which merged unit each joint unit goes to. From it come the merge matrices
-``M_i`` (k × n_i) and unmerge matrices ``U_i`` (n_i × k) of the :class:`~mergelab.structure.alignment.Alignment`
-contract, so one ``apply`` handles permutations and zips alike:
-
-* ``U_i[u, c] = 1`` when model ``i``'s unit ``u`` is in merged unit ``c`` (the merged feature is read back into
-  every unit that went into it);
-* ``M_i[c, u] = λ_i U_i[u, c] / Σ_j λ_j |c ∩ model j|`` — merged unit ``c`` is the (λ-weighted) mean of its
-  members, so ``Σ_i M_i 1 = 1``. A permutation is the special case of one member per model: ``M_i = λ_i P_i``.
+"""ZipIt!'s many-to-one matching ("zip") of one group's joint similarity, and the ``zip`` solver.
 
 **Zip** (Stoica et al., ZipIt!, ICLR 2024, https://arxiv.org/abs/2305.03053): repeatedly merge the most similar
 pair of features — across models *or within one model* — until ``k`` merged features remain. A merged feature's
@@ -21,128 +10,46 @@ the knobs mean what they say: ``beta = 0`` allows *no* within-model merge (the r
 its budget check), and "within-model" means the two merged features share a model (the reference compares the
 models of their lowest-index units).
 
-**Permutation**: one linear assignment of every model's units to the reference's (Git Re-Basin's activation
-matching), block-aware for attention heads.
-
-**MuDSC** (Xu et al., CVPR 2024, https://arxiv.org/abs/2403.01753): the similarity of a group is
-``alpha·C_weight + (1 - alpha)·C_activation``. ``C_weight`` is the Pearson correlation between units' weight
-vectors — every slice of every tensor the group touches (incoming rows, biases, norms *and* outgoing columns),
-with the other groups' axes brought into the merged basis by their current solution (``U_i``, a 0/1 assignment,
-on both "in" and "out" axes). Starting from activation-only matching, coordinate descent visits the groups in a
-random order and re-solves each with the blended similarity until a full pass changes nothing.
-
-Groups with ``blocks > 1`` (attention heads) are matched block-wise: blocks are assigned to the reference's blocks
-as wholes (tied groups share that assignment), then units are zipped / permuted inside each matched set of
-blocks, so every merged head is made of matched heads.
+Matches are :class:`~mergelab.match.group_match.GroupMatch` es on the joint matrix of all models' units (see
+:mod:`mergelab.match.group_match`). Groups with ``blocks > 1`` (attention heads) are matched block-wise: blocks
+are assigned to the reference's blocks as wholes (tied groups share that assignment), then units are zipped inside
+each matched set of blocks, so every merged head is made of matched heads.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mergelab.match.features import FeatureStats, collect_features
-from mergelab.match.similarity import float_parameters, unit_matrix
-from mergelab.match.solvers import solve_block_lap, solve_lap
+from mergelab.match.activation_matching import match_activations
+from mergelab.match.context import MatchContext, match_context
+from mergelab.match.features import FeatureStats
+from mergelab.match.group_match import (
+    GroupMatch,
+    alignment_from_matches,
+    check_similarity,
+    cross_block,
+    group_sizes,
+    joint_activation_similarity,
+    offsets,
+)
+from mergelab.match.lap import solve_block_lap
+from mergelab.match.registry import register_solver
 from mergelab.structure.alignment import Alignment
-from mergelab.structure.checks import normalize_coefficients
-from mergelab.structure.types import Axis, Structure
+from mergelab.structure.types import Structure
 
-__all__ = [
-    "GroupMatch",
-    "alignment_from_matches",
-    "dual_similarity",
-    "joint_activation_similarity",
-    "mudsc_alignment",
-    "permutation_match",
-    "weight_vector_similarity",
-    "zip_alignment",
-    "zip_match",
-]
+__all__ = ["zip_alignment", "zip_match", "zip_solver", "zip_tie"]
 
 logger = logging.getLogger(__name__)
-
-Solver = Literal["zip", "permute"]
-
-
-# --------------------------------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class GroupMatch:
-    """One group's correspondence between ``N`` models.
-
-    Attributes:
-        clusters: (O,) int64, the merged unit of every joint unit (model ``i``'s unit ``u`` is entry
-            ``sum(sizes[:i]) + u``); values ``0..k-1``, each used at least once.
-        sizes: units per model.
-        k: number of merged units.
-        value: mean similarity of the merges made (zip) or of the matched pairs (permutation) — the quantity
-            MuDSC compares between passes.
-    """
-
-    clusters: Tensor
-    sizes: tuple[int, ...]
-    k: int
-    value: float
-
-    def unmerges(self) -> tuple[Tensor, ...]:
-        """``U_i`` (n_i × k): 1 where model ``i``'s unit goes into the merged unit."""
-        out = []
-        start = 0
-        for n in self.sizes:
-            u = torch.zeros(n, self.k)
-            u[torch.arange(n), self.clusters[start : start + n]] = 1.0
-            out.append(u)
-            start += n
-        return tuple(out)
-
-    def merges(self, coefficients: Sequence[float] | None = None) -> tuple[Tensor, ...]:
-        """``M_i`` (k × n_i): each merged unit is the λ-weighted mean of its members (``Σ_i M_i 1 = 1``)."""
-        coefs = normalize_coefficients(coefficients, len(self.sizes), "GroupMatch.merges")
-        us = self.unmerges()
-        weight = sum(c * u.sum(0) for c, u in zip(coefs, us, strict=True))  # (k,) Σ_j λ_j |c ∩ model j|
-        return tuple((c * u / weight).T.contiguous() for c, u in zip(coefs, us, strict=True))
-
-    def permutations(self) -> list[Tensor] | None:
-        """Per model, ``perm[j]`` = the unit in merged unit ``j`` — if every merged unit has exactly one member per
-        model (a permutation alignment), else ``None``."""
-        perms = []
-        start = 0
-        for n in self.sizes:
-            c = self.clusters[start : start + n]
-            if n != self.k or not torch.equal(torch.sort(c).values, torch.arange(self.k)):
-                return None
-            perm = torch.empty(n, dtype=torch.long)
-            perm[c] = torch.arange(n)
-            perms.append(perm)
-            start += n
-        return perms
 
 
 def _owners(sizes: Sequence[int]) -> Tensor:
     return torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
-
-
-def _check_similarity(similarity: Tensor, sizes: Sequence[int], op: str) -> Tensor:
-    o = sum(sizes)
-    if similarity.dim() != 2 or similarity.shape != (o, o):
-        raise ValueError(
-            f"{op}: similarity {tuple(similarity.shape)} is not ({o} × {o}) for model sizes {list(sizes)}"
-        )
-    s = similarity.detach().double().cpu()
-    if torch.isnan(s).any():
-        raise ValueError(f"{op}: similarity contains NaN")
-    return s
-
-
-# --------------------------------------------------------------------------------------------------- zip
 
 
 def _greedy_zip(
@@ -285,7 +192,7 @@ def zip_match(
         tensor([0, 1, 0, 1])
     """
     sizes = tuple(int(n) for n in sizes)
-    s = _check_similarity(similarity, sizes, "zip_match")
+    s = check_similarity(similarity, sizes, "zip_match")
     k = sizes[0] if k is None else int(k)
     _check_zip_args(alpha, beta, k, sum(sizes), len(sizes), "zip_match")
     if blocks > 1:
@@ -296,65 +203,6 @@ def zip_match(
     return GroupMatch(clusters, sizes, k, value)
 
 
-# --------------------------------------------------------------------------------------------------- permutation
-
-
-def _offsets(sizes: Sequence[int]) -> list[int]:
-    out, acc = [], 0
-    for n in sizes:
-        out.append(acc)
-        acc += n
-    return out
-
-
-def _cross(s: Tensor, sizes: Sequence[int], a: int, b: int) -> Tensor:
-    off = _offsets(sizes)
-    return s[off[a] : off[a] + sizes[a], off[b] : off[b] + sizes[b]]
-
-
-def permutation_match(
-    similarity: Tensor, sizes: Sequence[int], *, reference: int = 0, blocks: int = 1
-) -> GroupMatch:
-    """Match every model's units one-to-one to the reference's (a linear assignment per model), as a GroupMatch.
-
-    Merged unit ``j`` is the reference's unit ``j``; this is activation matching (Git Re-Basin) when the
-    similarity is the activation correlation, and ZipIt's "permute" baseline.
-
-    Args:
-        similarity: (O × O) joint similarity; only the blocks between the reference and each model are used.
-        sizes: units of each model (all equal).
-        reference: whose units define the merged basis.
-        blocks: attention heads: blocks map onto blocks as wholes.
-
-    Returns:
-        A :class:`GroupMatch` whose :meth:`GroupMatch.permutations` is not ``None``.
-    """
-    sizes = tuple(int(n) for n in sizes)
-    s = _check_similarity(similarity, sizes, "permutation_match")
-    if len(set(sizes)) != 1:
-        raise ValueError(f"permutation_match: models have different widths {list(sizes)}")
-    if not 0 <= reference < len(sizes):
-        raise ValueError(f"permutation_match: reference={reference} out of range for {len(sizes)} models")
-    n = sizes[0]
-    clusters = torch.empty(sum(sizes), dtype=torch.long)
-    off = _offsets(sizes)
-    vals = []
-    for i in range(len(sizes)):
-        if i == reference:
-            clusters[off[i] : off[i] + n] = torch.arange(n)
-            continue
-        cross = _cross(s, sizes, reference, i)
-        # the reference's unit j is matched to model i's unit perm[j]
-        perm = solve_block_lap([cross], blocks)[0] if blocks > 1 else solve_lap(cross)
-        clusters[off[i] + perm] = torch.arange(n)
-        vals.append(float(cross[torch.arange(n), perm].mean()))
-    value = sum(vals) / len(vals) if vals else 0.0
-    return GroupMatch(clusters, sizes, n, value)
-
-
-# --------------------------------------------------------------------------------------------------- blocks
-
-
 def _block_assignment(sims: Sequence[Tensor], sizes: Sequence[int], blocks: int) -> list[list[int]]:
     """For every model, the block matched to each reference block (``out[i][a]``), shared by tied groups."""
     n_models = len(sizes)
@@ -363,7 +211,7 @@ def _block_assignment(sims: Sequence[Tensor], sizes: Sequence[int], blocks: int)
         crosses = []
         for s in sims:
             n = s.shape[0] // n_models
-            crosses.append(_cross(s, [n] * n_models, 0, i))
+            crosses.append(cross_block(s, [n] * n_models, 0, i))
         perms = solve_block_lap(crosses, blocks)
         bs = crosses[0].shape[0] // blocks
         out.append([int(perms[0][a * bs]) // bs for a in range(blocks)])
@@ -387,7 +235,7 @@ def _blockwise(
     bs, kb = n // blocks, k // blocks
     if assignment is None:
         assignment = _block_assignment([s], sizes, blocks)
-    off = _offsets(sizes)
+    off = offsets(sizes)
     clusters = torch.empty(sum(sizes), dtype=torch.long)
     values = []
     for a in range(blocks):
@@ -398,30 +246,24 @@ def _blockwise(
     return GroupMatch(clusters, sizes, k, sum(values) / len(values))
 
 
-def _solve_tie(
+def zip_tie(
     structure: Structure,
     tie: Sequence[str],
-    sims: Mapping[str, Tensor],
+    similarities: Mapping[str, Tensor],
     sizes: Mapping[str, tuple[int, ...]],
-    solver: Solver,
     alpha: float,
     beta: float,
 ) -> dict[str, GroupMatch]:
-    """Solve the groups of one tie: shared block assignment, then zip / permute per group inside blocks."""
+    """Zip the groups of one tie: a shared assignment of head blocks, then :func:`zip_match` inside blocks."""
     groups = [structure[g] for g in tie]
     blocks = groups[0].blocks
 
-    if solver not in ("zip", "permute"):
-        raise ValueError(f"unknown solver {solver!r}; choose 'zip' or 'permute'")
-
     def solve_one(s: Tensor, sz: Sequence[int], k: int | None = None) -> GroupMatch:
-        if solver == "zip":
-            return zip_match(s, sz, alpha=alpha, beta=beta, k=k)
-        return permutation_match(s, sz)
+        return zip_match(s, sz, alpha=alpha, beta=beta, k=k)
 
     if blocks == 1:
-        return {g.name: solve_one(sims[g.name], sizes[g.name]) for g in groups}
-    mats = [_check_similarity(sims[g.name], sizes[g.name], "block matching") for g in groups]
+        return {g.name: solve_one(similarities[g.name], sizes[g.name]) for g in groups}
+    mats = [check_similarity(similarities[g.name], sizes[g.name], "block matching") for g in groups]
     assignment = _block_assignment(mats, sizes[groups[0].name], blocks)
     return {
         g.name: _blockwise(m, sizes[g.name], blocks, g.size, solve_one, assignment)
@@ -429,77 +271,12 @@ def _solve_tie(
     }
 
 
-# --------------------------------------------------------------------------------------------------- alignment
-
-
-def alignment_from_matches(
-    structure: Structure,
-    matches: Mapping[str, GroupMatch],
-    coefficients: Sequence[float] | None = None,
-    info: Mapping[str, object] | None = None,
-) -> Alignment:
-    """Turn per-group matches into an :class:`Alignment` (a permutation alignment when every match is one).
-
-    Args:
-        structure: the groups; every group needs a match.
-        matches: group name → :class:`GroupMatch`.
-        coefficients: averaging weights λ (uniform by default).
-        info: diagnostics stored in the alignment.
-
-    Returns:
-        The alignment: ``Alignment.from_permutations`` (fast path) if all matches are permutations.
-    """
-    missing = [g.name for g in structure if g.name not in matches]
-    if missing:
-        raise ValueError(f"alignment_from_matches: no match for groups {missing}")
-    n_models = {len(m.sizes) for m in matches.values()}
-    if len(n_models) != 1:
-        raise ValueError(
-            f"alignment_from_matches: matches disagree on the number of models {sorted(n_models)}"
-        )
-    n = n_models.pop()
-    coefs = normalize_coefficients(coefficients, n, "alignment_from_matches")
-    perms = {g.name: matches[g.name].permutations() for g in structure}
-    if all(p is not None for p in perms.values()):
-        per_model = [{g: p[i] for g, p in perms.items() if p is not None} for i in range(n)]
-        return Alignment.from_permutations(structure, per_model, coefs, info)
-    merges = {g.name: matches[g.name].merges(coefs) for g in structure}
-    unmerges = {g.name: matches[g.name].unmerges() for g in structure}
-    return Alignment(structure, merges, unmerges, tuple(coefs), None, dict(info or {}))
-
-
-def joint_activation_similarity(stats: FeatureStats, group: str) -> Tensor:
-    """The (N·n × N·n) correlation of all models' units of ``group`` (dead units correlate 0)."""
-    return stats.corr(group)
-
-
-def _group_sizes(structure: Structure, n_models: int) -> dict[str, tuple[int, ...]]:
-    return {g.name: (g.size,) * n_models for g in structure}
-
-
-def _stats(
-    models: Sequence[nn.Module],
-    structure: Structure,
-    data: Iterable | None,
-    stats: FeatureStats | None,
-    max_batches: int | None,
-    op: str,
-) -> FeatureStats:
-    if stats is not None:
-        if stats.num_models != len(models):
-            raise ValueError(f"{op}: stats were collected for {stats.num_models} models, got {len(models)}")
-        return stats
-    if data is None:
-        raise ValueError(f"{op}: needs data= (a loader yielding x or (x, y)) or stats=")
-    return collect_features(models, structure, data, max_batches=max_batches)
-
-
 def zip_alignment(
     structure: Structure,
     models: Sequence[nn.Module],
     data: Iterable | None = None,
     *,
-    solver: Solver = "zip",
+    solver: Literal["zip", "permute"] = "zip",
     alpha: float = 0.5,
     beta: float = 1.0,
     coefficients: Sequence[float] | None = None,
@@ -512,7 +289,8 @@ def zip_alignment(
         structure: the models' groups (probes say where units are observed).
         models: two or more models of one architecture (heads may differ in size).
         data: batches ``x`` or ``(x, y)``; with models of different tasks, use data of *all* tasks.
-        solver: ``"zip"`` (ZipIt!) or ``"permute"`` (one-to-one matching to model 0, as M/U).
+        solver: ``"zip"`` (ZipIt!) or ``"permute"`` (ZipIt's baseline: activation matching to model 0,
+            :func:`~mergelab.match.activation_matching.match_activations`).
         alpha, beta: ZipIt's knobs (see :func:`zip_match`).
         coefficients: averaging weights λ (uniform by default).
         stats: precomputed :func:`~mergelab.match.features.collect_features` of ``models``.
@@ -530,229 +308,46 @@ def zip_alignment(
         >>> zip_alignment(s, [a, b], [torch.randn(64, 4)]).width("0")
         8
     """
+    if solver not in ("zip", "permute"):
+        raise ValueError(f"zip_alignment: unknown solver {solver!r}; choose 'zip' or 'permute'")
     models = list(models)
     if len(models) < 2:
         raise ValueError(f"zip_alignment: need at least 2 models, got {len(models)}")
-    st = _stats(models, structure, data, stats, max_batches, "zip_alignment")
-    sizes = _group_sizes(structure, len(models))
-    sims = {g.name: joint_activation_similarity(st, g.name) for g in structure}
+    ctx = match_context(
+        models, data, structure=structure, max_batches=max_batches, stats=stats, op="zip_alignment"
+    )
+    if solver == "permute":
+        return match_activations(structure, models, stats=ctx.stats(), coefficients=coefficients)
+    sizes = group_sizes(structure, len(models))
+    sims = {g.name: joint_activation_similarity(ctx.stats(), g.name) for g in structure}
     matches: dict[str, GroupMatch] = {}
     for tie in structure.tie_sets():
-        matches.update(_solve_tie(structure, tie, sims, sizes, solver, alpha, beta))
+        matches.update(zip_tie(structure, tie, sims, sizes, alpha, beta))
     info = {
-        "method": "zipit" if solver == "zip" else "permute",
+        "method": "zipit",
         "alpha": alpha,
         "beta": beta,
         "merge_value": {g: m.value for g, m in matches.items()},
     }
-    logger.info("zip_alignment (%s): mean merge similarity per group %s", solver, info["merge_value"])
+    logger.info("zip_alignment: mean merge similarity per group %s", info["merge_value"])
     return alignment_from_matches(structure, matches, coefficients, info)
 
 
-# --------------------------------------------------------------------------------------------------- MuDSC
-
-
-def weight_vector_similarity(
-    structure: Structure,
-    params: Sequence[Mapping[str, Tensor]],
-    group: str,
-    matches: Mapping[str, GroupMatch] | None = None,
-    exclude: Iterable[str] = (),
-) -> Tensor:
-    """MuDSC's weight-space similarity: Pearson correlation of the units' weight vectors, joint over models.
-
-    A unit's vector is the concatenation, over every axis of ``group`` (parameters only, not buffers), of the
-    unit's slice — a row it produces (incoming weights, bias, norm scale) or a column it feeds (outgoing
-    weights). The tensor's other group axes are first brought into the merged basis with the current
-    solution's ``U_i`` (0/1 membership: a merged unit's entry is the sum of its members'; missing groups keep
-    their basis), so vectors of different models are comparable entry by entry. Computed in float32.
-
-    Args:
-        structure: the groups.
-        params: one name → tensor mapping per model (e.g. :func:`~mergelab.match.similarity.float_parameters`).
-        group: the group to score.
-        matches: current solutions of the other groups (group name → :class:`GroupMatch`).
-        exclude: parameter names left out (e.g. classifier heads of models trained on different tasks, whose
-            class dimensions do not correspond).
-
-    Returns:
-        (N·n × N·n) float64 correlation matrix.
-    """
-    g = structure[group]
-    matches = dict(matches or {})
-    skip = set(exclude)
-    axes = structure.param_axes
-    per_model: list[list[Tensor]] = [[] for _ in params]
-    for axis in g.axes:
-        if axis.param in skip or axis.param not in params[0]:
-            continue
-        others = [
-            (h, a2)
-            for h, a2 in axes[axis.param]
-            if not (h.name == g.name and a2 == axis) and h.name in matches
-        ]
-        for i, p in enumerate(params):
-            if axis.param not in p:
-                raise ValueError(f"weight similarity: model {i} has no parameter {axis.param!r}")
-            w = p[axis.param].float()
-            for h, a2 in others:
-                m = matches[h.name]
-                start = sum(m.sizes[:i])
-                w = _sum_members(w, a2, m.clusters[start : start + m.sizes[i]], m.k)
-            per_model[i].append(unit_matrix(w, axis, g.size))
-    if not per_model[0]:
-        raise ValueError(f"weight similarity: group {group!r} touches no (non-excluded) parameter")
-    try:
-        vecs = torch.cat([torch.cat(v, dim=1) for v in per_model], dim=0)  # (N·n, D)
-    except RuntimeError as e:
-        shapes = [tuple(torch.cat(v, dim=1).shape) for v in per_model]
-        raise ValueError(
-            f"weight similarity: group {group!r} unit vectors differ across models {shapes}"
-        ) from e
-    vecs = vecs - vecs.mean(1, keepdim=True)
-    norm = vecs.norm(dim=1, keepdim=True)
-    vecs = torch.where(norm > 0, vecs / norm.clamp_min(1e-30), torch.zeros_like(vecs))
-    return (vecs @ vecs.T).double().clamp_(-1.0, 1.0)
-
-
-def _sum_members(w: Tensor, axis: Axis, clusters: Tensor, k: int) -> Tensor:
-    """Along ``axis``, replace the group's units by ``k`` merged units, each the sum of its members' slices.
-
-    The same as contracting the axis with ``U_iᵀ`` (0/1 membership) in :func:`transform_tensor`, without a dense
-    (k × n) matmul.
-    """
-    x = w.movedim(axis.dim, 0)
-    n = clusters.numel()
-    end = axis.start + n * axis.inner
-    mid = x[axis.start : end].reshape(n, axis.inner, *x.shape[1:])
-    summed = torch.zeros(k, *mid.shape[1:], dtype=w.dtype).index_add_(0, clusters, mid)
-    x = torch.cat([x[: axis.start], summed.reshape(k * axis.inner, *x.shape[1:]), x[end:]], dim=0)
-    return x.movedim(0, axis.dim)
-
-
-def dual_similarity(activation: Tensor, weight: Tensor, alpha: float) -> Tensor:
-    """MuDSC's blend ``alpha·weight + (1 - alpha)·activation`` (``alpha`` in [0, 1]); exact at the ends."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"dual_similarity: alpha={alpha} must be in [0, 1]")
-    if activation.shape != weight.shape:
-        raise ValueError(
-            f"dual_similarity: activation {tuple(activation.shape)} vs weight {tuple(weight.shape)}"
-        )
-    if alpha == 0.0:
-        return activation.double().clone()
-    if alpha == 1.0:
-        return weight.double().clone()
-    return alpha * weight.double() + (1.0 - alpha) * activation.double()
-
-
-def mudsc_alignment(
-    structure: Structure,
-    models: Sequence[nn.Module],
-    data: Iterable | None = None,
+@register_solver("zip", needs_data=True)
+def zip_solver(
+    ctx: MatchContext,
     *,
     alpha: float = 0.5,
-    mode: Literal["zip", "align"] = "zip",
-    zip_alpha: float = 0.5,
-    zip_beta: float = 1.0,
+    beta: float = 1.0,
     coefficients: Sequence[float] | None = None,
-    stats: FeatureStats | None = None,
-    exclude: Iterable[str] = (),
-    max_iter: int = 20,
-    patience: int = 2,
-    seed: int = 0,
-    max_batches: int | None = None,
 ) -> Alignment:
-    """MuDSC: match units on ``alpha·C_weight + (1 - alpha)·C_activation``, by coordinate descent over groups.
-
-    Starts from activation-only matching of every group, then visits the groups (ties) in a random order
-    (``seed``), recomputing each one's weight similarity with its neighbours' current solutions and re-solving,
-    until a full pass changes no group (``info["converged"]``; that fixed point is returned). The zip's greedy
-    choices can make the passes cycle instead; as in MuDSC's reference code, the search then stops once the mean
-    merge value has not beaten its best for ``patience`` passes (or after ``max_iter``) and returns the best
-    pass, so an oscillation cannot end on a worse state.
+    """ZipIt!: zip units within and across models on their activation correlation.
 
     Args:
-        structure: the models' groups.
-        models: two or more models of one architecture.
-        data: batches ``x`` or ``(x, y)`` for the activation similarity.
-        alpha: weight of the weight-space similarity, in [0, 1] (0 = activation only, 1 = weight only after the
-            activation-based start).
-        mode: ``"zip"`` (inner solver ZipIt's zip with ``zip_alpha``/``zip_beta``) or ``"align"`` (permutation).
-        zip_alpha, zip_beta: the zip solver's knobs (MuDSC uses 0.5 and 1).
-        coefficients: averaging weights λ (uniform by default).
-        stats: precomputed activation statistics of ``models``.
-        exclude: parameter names left out of the weight similarity (heads of different tasks).
-        max_iter: at most this many passes of coordinate descent.
-        patience: stop after this many passes without a new best mean merge value.
-        seed: seed of the visiting order.
-        max_batches: limit on batches streamed.
-
-    Returns:
-        An :class:`Alignment`; ``info`` holds ``alpha``, ``passes``, ``converged`` and the value history.
+        alpha: how readily an already merged feature merges again (ZipIt's α; ``<= 0`` never).
+        beta: budget of within-model merges (ZipIt's β; 0 forbids them, which with ``alpha=0`` is a permutation).
+        coefficients: averaging weights (uniform by default).
     """
-    models = list(models)
-    if len(models) < 2:
-        raise ValueError(f"mudsc_alignment: need at least 2 models, got {len(models)}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"mudsc_alignment: alpha={alpha} must be in [0, 1]")
-    if mode not in ("zip", "align"):
-        raise ValueError(f"mudsc_alignment: mode={mode!r}; choose 'zip' or 'align'")
-    if max_iter < 1 or patience < 1:
-        raise ValueError(f"mudsc_alignment: max_iter={max_iter} and patience={patience} must be >= 1")
-    solver: Solver = "zip" if mode == "zip" else "permute"
-    st = _stats(models, structure, data, stats, max_batches, "mudsc_alignment")
-    sizes = _group_sizes(structure, len(models))
-    act = {g.name: joint_activation_similarity(st, g.name) for g in structure}
-    ties = structure.tie_sets()
-    matches: dict[str, GroupMatch] = {}
-    for tie in ties:
-        matches.update(_solve_tie(structure, tie, act, sizes, solver, zip_alpha, zip_beta))
-    info: dict = {"method": f"mudsc-{mode}", "alpha": alpha, "zip_alpha": zip_alpha, "zip_beta": zip_beta}
-    if alpha == 0.0:  # the blend is the activation similarity: the start is already the answer
-        info.update({"passes": 0, "converged": True, "values": []})
-        return alignment_from_matches(structure, matches, coefficients, info)
-    params = [{k: v for k, v in float_parameters(m).items()} for m in models]
-    gen = torch.Generator().manual_seed(seed)
-    history: list[float] = []
-    best = (float("-inf"), dict(matches))
-    converged, passes, stale = False, 0, 0
-    for it in range(max_iter):
-        passes = it + 1
-        changed = False
-        for ti in torch.randperm(len(ties), generator=gen).tolist():
-            tie = ties[ti]
-            sims = {
-                g: dual_similarity(
-                    act[g], weight_vector_similarity(structure, params, g, matches, exclude), alpha
-                )
-                for g in tie
-            }
-            new = _solve_tie(structure, tie, sims, sizes, solver, zip_alpha, zip_beta)
-            for g, m in new.items():
-                if not torch.equal(m.clusters, matches[g].clusters):
-                    changed = True
-                matches[g] = m
-        value = sum(m.value for m in matches.values()) / len(matches)
-        history.append(value)
-        logger.info(
-            "mudsc (%s, alpha=%.2f): pass %d, mean merge value %.5f, changed=%s",
-            mode,
-            alpha,
-            passes,
-            value,
-            changed,
-        )
-        if value > best[0]:
-            best, stale = (value, dict(matches)), 0
-        else:
-            stale += 1
-        if not changed:
-            converged = True
-            break
-        if stale >= patience:
-            break
-    if not converged:
-        logger.info("mudsc: passes cycle (no change-free pass after %d); keeping the best pass", passes)
-        matches = best[1]
-    info.update({"passes": passes, "converged": converged, "values": history})
-    return alignment_from_matches(structure, matches, coefficients, info)
+    return zip_alignment(
+        ctx.structure, ctx.models, stats=ctx.stats(), alpha=alpha, beta=beta, coefficients=coefficients
+    )

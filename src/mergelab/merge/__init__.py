@@ -1,5 +1,5 @@
 """Merging: one registry of methods, and the pieces they are composed of."""
 
-from mergelab.merge.registry import METHODS, get_method, list_methods, merge, register_method
+from mergelab.merge.registry import METHODS, MergeResult, get_method, list_methods, merge, register_method
 
-__all__ = ["METHODS", "get_method", "list_methods", "merge", "register_method"]
+__all__ = ["METHODS", "MergeResult", "get_method", "list_methods", "merge", "register_method"]

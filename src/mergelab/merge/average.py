@@ -36,7 +36,13 @@ def average_tensors(tensors: Sequence[torch.Tensor], coefficients: Sequence[floa
 def average(
     models: Sequence[nn.Module], *, data: object = None, coefficients: Sequence[float] | None = None
 ) -> nn.Module:
-    """Uniform or weighted average of the weights (a model soup), with no alignment."""
+    """Uniform or weighted average of the weights (a model soup), with no alignment.
+
+    Args:
+        models: models of one architecture.
+        data: unused (averaging reads no data).
+        coefficients: averaging weights (uniform by default).
+    """
     del data
     check_same_architecture(models, "average")
     coefs = normalize_coefficients(coefficients, len(models), "average")

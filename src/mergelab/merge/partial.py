@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 from torch import Tensor, fx, nn
 
+from mergelab.match.context import check_compatible
 from mergelab.match.features import trace_model
 from mergelab.structure.alignment import Alignment, tensor_ops, transform_tensor
 from mergelab.structure.types import Axis, Group, Structure
@@ -132,37 +133,6 @@ def check_cut(structure: Structure, merged: Sequence[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- weights
-
-
-def check_compatible(models: Sequence[nn.Module], structure: Structure, op: str = "merge") -> None:
-    """Raise ``ValueError`` (naming the tensor) unless the models can be merged along ``structure``.
-
-    Required: the same class and tensor names; equal shapes for every tensor that produces units (has an
-    ``"out"`` axis); every group axis present with the group's size in every model. Tensors that produce no units
-    (classifier heads) may differ elsewhere, so models of tasks with different class counts are compatible.
-    """
-    cls = {type(m).__name__ for m in models}
-    if len(cls) != 1:
-        raise ValueError(f"{op}: models are of different classes {sorted(cls)}")
-    sds = [m.state_dict() for m in models]
-    for i, sd in enumerate(sds[1:], 1):
-        if set(sd) != set(sds[0]):
-            diff = sorted(set(sd) ^ set(sds[0]))[:5]
-            raise ValueError(f"{op}: model {i} has different tensors than model 0, e.g. {diff}")
-    axes = structure.param_axes
-    for key in sds[0]:
-        shapes = [tuple(sd[key].shape) for sd in sds]
-        items = axes.get(key, [])
-        if any(a.role == "out" for _, a in items) and len(set(shapes)) != 1:
-            raise ValueError(f"{op}: {key!r} has shapes {shapes} across models; the models are incompatible")
-        for g, a in items:
-            need = a.start + g.size * a.inner
-            for i, s in enumerate(shapes):
-                if a.dim >= len(s) or s[a.dim] < need:
-                    raise ValueError(
-                        f"{op}: {key!r} {s} of model {i} has no {g.size} units of group {g.name!r} on dim {a.dim}; "
-                        f"the models are incompatible"
-                    )
 
 
 def _merged_value(tensors: Sequence[Tensor], items: Sequence[tuple[Group, Axis]], al: Alignment) -> Tensor:

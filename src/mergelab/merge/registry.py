@@ -1,7 +1,8 @@
-"""One registry of merge methods, and the public ``merge`` entry point.
+"""One registry of merge methods, the public ``merge`` entry point, and its result type.
 
-Every method is a plain function ``fn(models, *, data, **options) -> nn.Module`` registered under a short name.
-Its docstring and paper URL are kept next to it so ``mergelab merge --help`` and errors can list them.
+Every method is a plain function ``fn(models, *, data, **options) -> nn.Module | MergeResult`` registered under a
+short name. Its docstring, paper URL and declared options (from its signature and the docstring's ``Args:``) are
+kept next to it, so ``mergelab list``, ``mergelab merge --help`` and errors can list them.
 """
 
 from __future__ import annotations
@@ -9,14 +10,60 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import re
+import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-MergeFn = Callable[..., nn.Module]
+if TYPE_CHECKING:
+    from mergelab.match.context import MatchContext
+    from mergelab.structure.alignment import Alignment
+
+MergeFn = Callable[..., "nn.Module | MergeResult"]
+
+# Parameters every method shares or that only Python code can pass (models, loaders, modules, structures): not
+# listed as CLI options.
+_NOT_OPTIONS = {"models", "data", "context"}
+_PYTHON_ONLY = ("Module", "Structure", "Tensor", "MatchContext", "Iterable", "DataLoader")
+
+
+@dataclass
+class MergeResult:
+    """A merged model and what the method found on the way.
+
+    Attributes:
+        model: the merged ``nn.Module`` (a new module; the inputs are untouched).
+        info: diagnostics, the same way for every method: ``method``, ``seconds`` (``total``, and per step for
+            aligned methods: ``context``, ``solve``, ``build``, ``repair``) and, per method, e.g. ``objective``
+            and ``iterations`` (weight matching), ``merge_value`` (ZipIt!), ``alpha`` and ``selection`` (MuDSC's
+            held-out choice), ``fixed`` axes of the structure, ``heads`` / ``partial`` / ``repair``.
+        alignment: the correspondence an aligned method merged in (``None`` for the others).
+    """
+
+    model: nn.Module
+    info: dict[str, Any] = field(default_factory=dict)
+    alignment: Alignment | None = None
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """One declared option of a merge method: name, default (``inspect.Parameter.empty`` if required), type as
+    written in the signature, and the one-line help from the docstring's ``Args:``."""
+
+    name: str
+    default: Any
+    annotation: str
+    help: str
+    python_only: bool
+
+    def describe(self) -> str:
+        """``name=default`` (or ``name`` when required), e.g. ``alpha=0.5``."""
+        return self.name if self.default is inspect.Parameter.empty else f"{self.name}={self.default!r}"
 
 
 @dataclass(frozen=True)
@@ -26,6 +73,55 @@ class MethodInfo:
     needs_data: bool
     paper: str
     summary: str
+    options: tuple[MethodOption, ...] = ()
+
+    @property
+    def takes_context(self) -> bool:
+        """Whether the method can share a :class:`~mergelab.match.context.MatchContext` (aligned methods)."""
+        return "context" in inspect.signature(self.fn).parameters
+
+
+def _arg_help(doc: str) -> dict[str, str]:
+    """``name → first sentence of its help`` from a Google-style ``Args:`` section (``a, b: help`` names several;
+    continuation lines are joined; reST double backticks dropped)."""
+    out: dict[str, str] = {}
+    names: list[str] = []
+    in_args = False
+    for line in doc.splitlines():
+        if line.strip() in ("Args:", "Arguments:"):
+            in_args = True
+            continue
+        if not in_args:
+            continue
+        if line and not line.startswith(" "):
+            break
+        m = re.match(r"^    ([\w, *]+):\s*(.*)$", line)
+        if m:
+            names = [n.strip().lstrip("*") for n in m.group(1).split(",")]
+            for n in names:
+                out[n] = m.group(2).strip()
+        elif line.startswith("        ") and names:
+            for n in names:
+                out[n] = f"{out[n]} {line.strip()}"
+    for n, text in out.items():
+        text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text.replace("``", ""))
+        end = re.search(r"(?<!e\.g)(?<!i\.e)\.(\s|$)", text)
+        out[n] = text[: end.start() + 1] if end else text
+    return out
+
+
+def declared_options(fn: Callable[..., Any]) -> tuple[MethodOption, ...]:
+    """The options of a method: its keyword parameters with defaults and types, and their docstring help."""
+    helps = _arg_help(inspect.getdoc(fn) or "")
+    out = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in _NOT_OPTIONS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+        ann = "" if p.annotation is p.empty else str(ann)
+        py_only = any(t in ann for t in _PYTHON_ONLY)
+        out.append(MethodOption(p.name, p.default, ann, helps.get(p.name, ""), py_only))
+    return tuple(out)
 
 
 METHODS: dict[str, MethodInfo] = {}
@@ -38,14 +134,17 @@ def register_method(name: str, *, needs_data: bool = False, paper: str = "") -> 
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
         summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-        METHODS[name] = MethodInfo(name, fn, needs_data, paper, summary)
+        METHODS[name] = MethodInfo(name, fn, needs_data, paper, summary, declared_options(fn))
 
         @functools.wraps(fn)
         def checked(models: Sequence[nn.Module], *args: object, **options: object) -> nn.Module:
-            # Direct calls (``average(models, ...)``) are checked like ``merge(models, method=...)``.
+            # Direct calls (``average(models, ...)``) are checked like ``merge(models, method=...)`` and return
+            # the model, as they always did; ``merge(..., return_info=True)`` gives the MergeResult.
             models = list(models)
-            check_inputs(models, options, op=name)
-            return fn(models, *args, **options)
+            check_inputs(models, {k: v for k, v in options.items() if k != "context"}, op=name)
+            _require_data(METHODS[name], options.get("data"), options.get("context"))  # type: ignore[arg-type]
+            out = fn(models, *args, **options)
+            return out.model if isinstance(out, MergeResult) else out
 
         return checked
 
@@ -69,19 +168,28 @@ def merge(
     models: Sequence[nn.Module],
     method: str = "average",
     data: DataLoader | Iterable | None = None,
+    *,
+    context: MatchContext | None = None,
+    return_info: bool = False,
     **options: object,
-) -> nn.Module:
+) -> nn.Module | MergeResult:
     """Merge several models of one architecture into one.
 
     Args:
         models: two or more ``nn.Module`` s with the same architecture (same parameter names and shapes).
         method: one of :func:`list_methods` — ``average``, ``greedy_soup``, ``weight_matching``,
             ``activation_matching``, ``zipit``, ``mudsc``, ``task_arithmetic``, ``ties``, ``dare``.
-        data: a ``DataLoader`` (or any iterable) yielding ``x`` or ``(x, y)``; needed by data-driven methods.
+        data: a ``DataLoader`` (or any iterable) yielding ``x`` or ``(x, y)``; needed by data-driven methods
+            (default: the context's data).
+        context: a :func:`~mergelab.match.context.match_context` of exactly these models: aligned methods reuse
+            its structure and activation statistics, so several methods (or option values) on one set of models
+            discover and stream once. Methods that match nothing ignore it.
+        return_info: return a :class:`MergeResult` (model + ``info`` diagnostics) instead of the model.
         **options: method options (e.g. ``coefficients``, ``repair``); unknown ones raise ``TypeError``.
+            ``mergelab list`` shows every method's options.
 
     Returns:
-        A new ``nn.Module``; the inputs are never modified.
+        A new ``nn.Module`` (or a :class:`MergeResult` with ``return_info=True``); the inputs are never modified.
 
     Example:
         >>> import torch, mergelab
@@ -90,15 +198,34 @@ def merge(
         >>> m = mergelab.merge([a, b], method="average")
         >>> torch.allclose(m.weight, (a.weight + b.weight) / 2)
         True
+        >>> mergelab.merge([a, b], method="average", return_info=True).info["method"]
+        'average'
     """
     info = get_method(method)
     models = list(models)
     if not models:
         raise ValueError("merge: got no models")
     check_inputs(models, options, op=f"merge({method})")
-    if info.needs_data and data is None:
-        raise ValueError(f"merge method {method!r} needs data= (a DataLoader yielding x or (x, y))")
-    return info.fn(models, data=data, **options)
+    if context is not None:
+        context.check_models(models, f"merge({method})")
+        data = context.data if data is None else data
+        if info.takes_context:
+            options["context"] = context
+    _require_data(info, data, context)
+    t0 = time.perf_counter()
+    out = info.fn(models, data=data, **options)
+    result = out if isinstance(out, MergeResult) else MergeResult(out)
+    result.info.setdefault("method", method)
+    seconds = result.info.setdefault("seconds", {})
+    if isinstance(seconds, dict):
+        seconds["total"] = time.perf_counter() - t0
+    return result if return_info else result.model
+
+
+def _require_data(info: MethodInfo, data: object, context: MatchContext | None) -> None:
+    """The one data check of a method (solvers check their own need for statistics)."""
+    if info.needs_data and data is None and not (context is not None and context.has_stats):
+        raise ValueError(f"merge method {info.name!r} needs data= (a DataLoader yielding x or (x, y))")
 
 
 def check_inputs(

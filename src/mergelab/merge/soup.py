@@ -2,8 +2,8 @@
 
 Weight averaging only works when the models lie in one basin — fine-tuned from one pretrained model, or
 trained from one shared initialisation. Independently trained models first need their hidden units put in one
-basis; :func:`align_models` asks the ``weight_matching`` merge method for that (lazily, so this module works
-before or without it) and says clearly when it cannot.
+basis; :func:`align_models` does that with the one :func:`~mergelab.merge.aligned.align` and says clearly when
+it cannot.
 
 Papers: Wortsman et al., "Model soups", ICML 2022 (https://arxiv.org/abs/2203.05482) — greedy soup;
 Wang et al., "Rethinking Weight-Averaged Model-merging", 2024 (https://arxiv.org/abs/2411.09263).
@@ -16,12 +16,11 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from mergelab.evaluation import evaluate
 from mergelab.merge.average import average, average_state_dicts
-from mergelab.merge.registry import register_method
+from mergelab.merge.registry import MergeResult, register_method
 from mergelab.structure.checks import check_same_architecture
 
 __all__ = [
@@ -38,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class AlignmentUnavailable(ValueError):
-    """The requested alignment method is not registered (yet) or cannot align these models."""
+    """The requested alignment method is unknown, lacks its data, or cannot permute these models."""
 
 
 def interpolate_weights(a: nn.Module, b: nn.Module, lam: float) -> nn.Module:
@@ -81,22 +80,22 @@ def align_models(
 ) -> list[nn.Module]:
     """Put every model's hidden units into the basis of ``models[reference]`` (re-basin), for averaging.
 
-    Uses ``merge([ref, m], method=method, coefficients=[0, 1])``: the merged model with all weight on ``m``
-    *is* ``m`` expressed in ``ref``'s unit basis. The merge method is looked up lazily.
+    One :func:`~mergelab.merge.aligned.align` of all models to the reference, then each model permuted into its
+    basis (the same function, re-expressed).
 
     Args:
         models: models of one architecture.
         reference: index of the model whose basis the others are mapped into; it is returned unchanged.
-        method: an alignment merge method (``weight_matching``, ``activation_matching``, ...).
-        data: loader for data-driven methods; also gives methods that trace the model an example input
-            (without it, a zero batch of ``models[0].input_shape`` is used when the model records one).
+        method: a permutation method or solver (``weight_matching``, ``activation_matching``, ...).
+        data: loader for data-driven methods; also gives an example input to discover the structure with
+            (without it, zoo models' recorded input shape is used).
 
     Returns:
         A new list; entry ``reference`` is the reference itself, the others are aligned copies.
 
     Raises:
-        AlignmentUnavailable: the method is not registered, cannot be imported, or does not accept
-            ``coefficients``. Other errors (a model the method cannot handle) propagate.
+        AlignmentUnavailable: the method is unknown, needs data that was not given, or gives no permutation.
+            Other errors (a model the method cannot handle) propagate.
 
     Example:
         >>> import torch
@@ -106,39 +105,28 @@ def align_models(
         >>> aligned[0] is a, aligned[1] is b
         (True, False)
     """
-    from mergelab.merge.registry import get_method, merge
+    from mergelab.match.registry import get_solver
+    from mergelab.merge.aligned import METHOD_SOLVERS, align
+    from mergelab.structure.alignment import to_basis
 
     models = list(models)
     check_same_architecture(models, "align_models")
     if not 0 <= reference < len(models):
         raise ValueError(f"align_models: reference {reference} out of range for {len(models)} models")
     try:
-        info = get_method(method)
-    except (ValueError, ImportError) as err:
+        solver = get_solver(METHOD_SOLVERS.get(method, method))
+    except ValueError as err:
         raise AlignmentUnavailable(
-            f"align_models: merge method {method!r} is not available ({err})"
+            f"align_models: alignment method {method!r} is not available ({err})"
         ) from None
-    if info.needs_data and data is None:
-        raise AlignmentUnavailable(f"align_models: merge method {method!r} needs data=")
-    ref = models[reference]
-    shape = getattr(ref, "input_shape", None)
-    if data is None and not info.needs_data and shape is not None:
-        data = [torch.zeros(2, *shape)]  # only to trace the model; a data-free method reads no values
-    out: list[nn.Module] = []
-    for i, m in enumerate(models):
-        if i == reference:
-            out.append(ref)
-            continue
-        try:
-            out.append(merge([ref, m], method=method, data=data, coefficients=[0.0, 1.0]))
-        except TypeError as err:
-            raise AlignmentUnavailable(
-                f"align_models: merge method {method!r} cannot return one aligned model "
-                f"(it rejected coefficients=[0, 1]: {err})"
-            ) from None
-        except ImportError as err:  # the method's own dependencies are missing (e.g. not written yet)
-            raise AlignmentUnavailable(f"align_models: merge method {method!r} cannot run ({err})") from None
-    return out
+    if solver.needs_data and data is None:
+        raise AlignmentUnavailable(f"align_models: alignment method {method!r} needs data=")
+    if len(models) == 1:
+        return list(models)
+    al = align(models, solver.name, data, reference=reference)
+    if al.perms is None:
+        raise AlignmentUnavailable(f"align_models: method {method!r} gave no permutation alignment")
+    return [m if i == reference else to_basis(m, al.structure, al.perms[i]) for i, m in enumerate(models)]
 
 
 def uniform_soup(
@@ -235,7 +223,7 @@ def greedy_soup(
     *,
     data: Iterable,
     align: str | None = None,
-) -> nn.Module:
+) -> MergeResult:
     """Greedy soup: add members best-first, keeping each only if held-out accuracy does not drop.
 
     Members are sorted by held-out accuracy; the soup starts as the best one, and each next member is kept
@@ -250,7 +238,8 @@ def greedy_soup(
             warning when that method is unavailable.
 
     Returns:
-        A new model; the inputs are untouched.
+        A new model (the inputs are untouched) and ``info``: the kept ``members``, every member's held-out
+        accuracy, the soup's, and whether the members were ``aligned``.
 
     Example:
         >>> import torch, mergelab
@@ -258,9 +247,14 @@ def greedy_soup(
         >>> data = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
         >>> soup = mergelab.merge([nn.Linear(3, 2), nn.Linear(3, 2)], method="greedy_soup", data=data)
     """
-    if data is None:
-        raise ValueError("greedy_soup needs data= (a held-out loader of (x, y) batches)")
-    return greedy_soup_result(models, data, align=align).model
+    res = greedy_soup_result(models, data, align=align)
+    info = {
+        "members": res.members,
+        "member_accuracies": res.member_accuracies,
+        "heldout_accuracy": res.heldout_accuracy,
+        "aligned": res.aligned,
+    }
+    return MergeResult(res.model, info)
 
 
 def _try_align(

@@ -2,11 +2,14 @@
 
 * ``zipit`` (Stoica et al., ZipIt!, ICLR 2024): per group, zip the models' units on the joint correlation of
   their activations — matches within a model are allowed — and average in that basis
-  (:func:`~mergelab.match.zip.zip_alignment`).
+  (the ``zip`` solver, :func:`~mergelab.match.zip.zip_alignment`).
 * ``mudsc`` (Xu et al., Training-Free Pretrained Model Merging, CVPR 2024): match on a blend of weight- and
   activation-space similarity, by coordinate descent over groups, with the zip (``mode="zip"``) or a permutation
-  (``mode="align"``) inside (:func:`~mergelab.match.zip.mudsc_alignment`); the blend weight ``alpha`` is chosen
-  on labelled held-out data from ``alphas`` when not given.
+  (``mode="align"``) inside (the ``dual`` solver, :func:`~mergelab.match.dual.mudsc_alignment`); the blend
+  weight ``alpha`` is chosen on labelled held-out data from ``alphas`` when not given, every candidate re-solved on
+  the same activation statistics.
+
+Both are configurations of :func:`~mergelab.merge.aligned.merge_aligned`.
 
 Both take the same output options:
 
@@ -23,114 +26,21 @@ Options arrive as plain JSON values from the CLI (``alpha=0.5 partial=2 heads=co
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
-from mergelab.evaluation import batches, eval_mode
-from mergelab.match.features import FeatureStats, collect_features
-from mergelab.match.zip import mudsc_alignment, zip_alignment
-from mergelab.merge.aligned import example_input_for
-from mergelab.merge.partial import build_multihead, check_compatible, merged_groups
-from mergelab.merge.registry import register_method
-from mergelab.merge.repair import reset_batchnorm
-from mergelab.structure.alignment import Alignment, apply_alignment
+from mergelab.match.context import MatchContext, match_context
+from mergelab.merge.aligned import Heads, build_merged, head_params, merge_aligned
+from mergelab.merge.registry import MergeResult, register_method
 from mergelab.structure.types import Structure
 
-__all__ = ["DEFAULT_ALPHAS", "build_merged", "head_params", "mudsc", "select_alpha", "zipit"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["DEFAULT_ALPHAS", "build_merged", "head_params", "mudsc", "zipit"]
 
 ZIPIT_PAPER = "https://arxiv.org/abs/2305.03053"
 MUDSC_PAPER = "https://arxiv.org/abs/2403.01753"
 DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-Heads = Literal["merge", "concat"]
-
-
-def head_params(structure: Structure, model: nn.Module) -> set[str]:
-    """Floating-point tensors that produce no group's units: the classifier head (its outputs are classes)."""
-    produce = {a.param for g in structure for a in g.axes if a.role == "out"}
-    return {k for k, v in model.state_dict().items() if v.is_floating_point() and k not in produce}
-
-
-def build_merged(
-    models: Sequence[nn.Module],
-    alignment: Alignment,
-    *,
-    heads: Heads = "merge",
-    partial: int | str | None = None,
-) -> nn.Module:
-    """The merged model of an alignment: the plain architecture, or a multi-head model (see the module docstring).
-
-    Args:
-        models: the source models, in the alignment's order.
-        alignment: any alignment (zip or permutation) with merged width = model width.
-        heads: ``"merge"`` or ``"concat"``.
-        partial: merge only these groups (see :func:`~mergelab.merge.partial.merged_groups`); ``None`` = all.
-
-    Returns:
-        A new module.
-    """
-    if heads not in ("merge", "concat"):
-        raise ValueError(f"heads={heads!r}; choose 'merge' (average heads) or 'concat' (one head per model)")
-    names = merged_groups(alignment.structure, partial)
-    if heads == "merge" and len(names) == len(alignment.structure):
-        return apply_alignment(models, alignment)
-    return build_multihead(models, alignment, names, combine="mean" if heads == "merge" else "concat")
-
-
-def _prepare(
-    models: Sequence[nn.Module],
-    data: Iterable | None,
-    structure: Structure | None,
-    example_input: Tensor | None,
-    heads: str,
-    repair: str | None,
-    op: str,
-) -> tuple[list[nn.Module], Structure]:
-    models = list(models)
-    if len(models) < 2:
-        raise ValueError(f"{op}: need at least 2 models, got {len(models)}")
-    if data is None:
-        raise ValueError(
-            f"{op}: needs data= (a loader yielding x or (x, y); for different tasks, data of all tasks)"
-        )
-    if heads not in ("merge", "concat"):
-        raise ValueError(
-            f"{op}: heads={heads!r}; choose 'merge' (average heads) or 'concat' (one head per model)"
-        )
-    if repair not in (None, "reset"):
-        raise ValueError(
-            f"{op}: repair={repair!r}; choose None or 'reset' (REPAIR's per-unit rescaling needs a permutation)"
-        )
-    if structure is None:
-        from mergelab.structure import discover_structure
-
-        structure = discover_structure(models[0], example_input_for(models[0], data, example_input, op))
-    check_compatible(models, structure, op)
-    if heads == "merge":
-        shapes = {
-            k: {tuple(m.state_dict()[k].shape) for m in models} for k in head_params(structure, models[0])
-        }
-        bad = [k for k, s in shapes.items() if len(s) > 1]
-        if bad:
-            raise ValueError(
-                f"{op}: heads='merge' averages heads, but {bad[0]!r} differs in shape; use heads='concat'"
-            )
-    return models, structure
-
-
-def _finish(
-    model: nn.Module, repair: str | None, data: Iterable, max_batches: int | None, info: dict
-) -> nn.Module:
-    if repair == "reset":
-        model = reset_batchnorm(model, data, max_batches=max_batches)
-    model.mergelab_merge_info = info  # type: ignore[assignment]
-    return model
 
 
 @register_method("zipit", needs_data=True, paper=ZIPIT_PAPER)
@@ -138,6 +48,7 @@ def zipit(
     models: Sequence[nn.Module],
     *,
     data: Iterable | None = None,
+    context: MatchContext | None = None,
     alpha: float = 0.5,
     beta: float = 1.0,
     solver: Literal["zip", "permute"] = "zip",
@@ -148,12 +59,13 @@ def zipit(
     max_batches: int | None = None,
     structure: Structure | None = None,
     example_input: Tensor | None = None,
-) -> nn.Module:
+) -> MergeResult:
     """ZipIt!: zip units within and across models on their activation correlation, then average.
 
     Args:
         models: two or more models of one architecture (with ``heads="concat"`` their heads may differ in size).
         data: batches ``x`` or ``(x, y)`` — for models of different tasks, data of every task (required).
+        context: a shared :func:`~mergelab.match.context.match_context` of these models.
         alpha: how readily an already merged feature merges again (ZipIt's α; ``<= 0`` never).
         beta: budget of within-model merges (ZipIt's β; 0 forbids them, which with ``alpha=0`` is a permutation).
         solver: ``"zip"`` or ``"permute"`` (one-to-one activation matching, the "permute" baseline).
@@ -162,11 +74,11 @@ def zipit(
         coefficients: averaging weights (uniform by default).
         repair: ``None`` or ``"reset"`` (recompute BatchNorm statistics of the merged model on ``data``).
         max_batches: limit on batches for the activation statistics.
-        structure: a hand-written structure (default: discovered with ``torch.fx``).
+        structure: a hand-written structure (default: discovered).
         example_input: input for discovery (default: a batch of ``data``).
 
     Returns:
-        The merged model (``info`` in ``model.mergelab_merge_info``).
+        The merged model and its diagnostics (``merge_value`` per group, ...).
 
     Example:
         >>> import torch, mergelab
@@ -176,103 +88,21 @@ def zipit(
         >>> m(torch.zeros(3, 1, 8, 8)).shape
         torch.Size([3, 10])
     """
-    models, st = _prepare(models, data, structure, example_input, heads, repair, "zipit")
-    assert data is not None
-    al = zip_alignment(
-        st,
-        models,
-        data,
-        solver=solver,
-        alpha=alpha,
-        beta=beta,
-        coefficients=coefficients,
-        max_batches=max_batches,
-    )
-    merged = build_merged(models, al, heads=heads, partial=partial)
-    return _finish(merged, repair, data, max_batches, {**al.info, "heads": heads, "partial": partial})
-
-
-def _output_classes(tasks: Sequence[Sequence[int]] | None) -> tuple[int, ...] | None:
-    """Global class of every output column when the tasks' logits are concatenated (disjoint tasks only)."""
-    if tasks is None:
-        return None
-    classes = tuple(int(c) for t in tasks for c in t)
-    if len(set(classes)) != len(classes):
+    if solver not in ("zip", "permute"):
+        raise ValueError(f"zipit: solver={solver!r}; choose 'zip' or 'permute'")
+    if repair not in (None, "reset"):
         raise ValueError(
-            f"tasks={[list(t) for t in tasks]} overlap; concatenated heads need disjoint classes"
+            f"zipit: repair={repair!r}; choose None or 'reset' (REPAIR's per-unit rescaling needs a permutation)"
         )
-    return classes
-
-
-def _score(model: nn.Module, data: Iterable, output_classes: tuple[int, ...] | None) -> float:
-    """Accuracy on labelled data; with ``output_classes``, labels are global classes and the prediction is the
-    class of the arg-max output column (joint accuracy over the tasks)."""
-    lookup = torch.tensor(output_classes) if output_classes is not None else None
-    correct = total = 0
-    with eval_mode(model), torch.no_grad():
-        for x, y in batches(data):
-            if y is None:
-                raise ValueError(
-                    "mudsc: choosing alpha needs labelled data (x, y); pass alpha= or selection_data="
-                )
-            out = model(x)
-            if lookup is not None and out.shape[-1] != len(lookup):
-                raise ValueError(
-                    f"mudsc: the merged model has {out.shape[-1]} outputs for {len(lookup)} task classes"
-                )
-            if lookup is None and int(y.max()) >= out.shape[-1]:
-                raise ValueError(
-                    f"mudsc: label {int(y.max())} exceeds the merged model's {out.shape[-1]} outputs; pass "
-                    f"tasks= (the class groups) or labels in the output space"
-                )
-            pred = out.argmax(-1)
-            correct += int(((lookup[pred] if lookup is not None else pred) == y).sum())
-            total += len(y)
-    if total == 0:
-        raise ValueError("mudsc: selection data is empty")
-    return correct / total
-
-
-def select_alpha(
-    models: Sequence[nn.Module],
-    structure: Structure,
-    stats: FeatureStats,
-    selection_data: Iterable,
-    *,
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
-    tasks: Sequence[Sequence[int]] | None = None,
-    heads: Heads = "merge",
-    partial: int | str | None = None,
-    **mudsc_options: object,
-) -> tuple[float, Alignment, dict[float, float]]:
-    """MuDSC's choice of ``alpha``: the candidate whose merged model is most accurate on held-out labelled data.
-
-    Args:
-        models, structure, stats: as for :func:`~mergelab.match.zip.mudsc_alignment` (statistics are reused).
-        selection_data: labelled batches ``(x, y)``; labels in the merged model's output space, or global labels
-            with ``tasks``.
-        alphas: candidates (MuDSC: 0.1 … 0.9).
-        tasks: class groups (global ids); the score is then the joint accuracy over them (``heads="concat"``).
-        heads, partial: how the merged model is built (see :func:`build_merged`).
-        **mudsc_options: passed to :func:`~mergelab.match.zip.mudsc_alignment`.
-
-    Returns:
-        ``(best alpha, its alignment, {alpha: score})``; ties go to the smaller alpha.
-    """
-    if not alphas:
-        raise ValueError("select_alpha: no candidate alphas")
-    classes = _output_classes(tasks)
-    scores: dict[float, float] = {}
-    best: tuple[float, float, Alignment] | None = None
-    for a in alphas:
-        al = mudsc_alignment(structure, models, stats=stats, alpha=float(a), **mudsc_options)  # type: ignore[arg-type]
-        score = _score(build_merged(models, al, heads=heads, partial=partial), selection_data, classes)
-        scores[float(a)] = score
-        logger.info("mudsc: alpha=%.2f selection accuracy %.4f", a, score)
-        if best is None or score > best[0]:
-            best = (score, float(a), al)
-    assert best is not None
-    return best[1], best[2], scores
+    options = {"alpha": alpha, "beta": beta} if solver == "zip" else {}
+    result = merge_aligned(
+        models, solver="zip" if solver == "zip" else "activation", data=data, context=context, heads=heads,
+        partial=partial, repair=repair, coefficients=coefficients, structure=structure, example_input=example_input,
+        max_batches=max_batches, op="zipit", **options,
+    )  # fmt: skip
+    if solver == "permute":
+        result.info["method"] = "permute"
+    return result
 
 
 @register_method("mudsc", needs_data=True, paper=MUDSC_PAPER)
@@ -280,6 +110,7 @@ def mudsc(
     models: Sequence[nn.Module],
     *,
     data: Iterable | None = None,
+    context: MatchContext | None = None,
     alpha: float | None = None,
     mode: Literal["zip", "align"] = "zip",
     zip_alpha: float = 0.5,
@@ -297,12 +128,13 @@ def mudsc(
     max_batches: int | None = None,
     structure: Structure | None = None,
     example_input: Tensor | None = None,
-) -> nn.Module:
+) -> MergeResult:
     """MuDSC: match units on weight- and activation-space similarity together (dual-space constraints), then merge.
 
     Args:
         models: two or more models of one architecture.
         data: batches ``x`` or ``(x, y)`` for the activation statistics (data of every task; required).
+        context: a shared :func:`~mergelab.match.context.match_context` of these models.
         alpha: weight of the weight-space similarity in [0, 1]; ``None`` chooses it from ``alphas`` on
             ``selection_data`` (MuDSC picks it on held-out training data).
         mode: ``"zip"`` (ZipIt's zip inside, ``zip_alpha``/``zip_beta``) or ``"align"`` (permutations).
@@ -311,36 +143,51 @@ def mudsc(
         selection_data: labelled batches for choosing ``alpha`` (default ``data``, which must then have labels).
         tasks: class groups (global ids, e.g. ``[[0,1,2,3,4],[5,6,7,8,9]]``) — with ``heads="concat"``, alpha is
             chosen by joint accuracy over them.
-        partial, heads, coefficients, repair, max_batches, structure, example_input: as in :func:`zipit`.
+        partial: merge only the first groups (an int, or a group / module name): partial zipping.
+        heads: ``"merge"`` (average heads; same output space) or ``"concat"`` (one head per model).
+        coefficients: averaging weights (uniform by default).
+        repair: ``None`` or ``"reset"`` (recompute BatchNorm statistics of the merged model on ``data``).
+        max_batches: limit on batches for the activation statistics.
+        structure: a hand-written structure (default: discovered).
+        example_input: input for discovery (default: a batch of ``data``).
         max_iter: at most this many passes of coordinate descent over groups.
         patience: stop after this many passes without a better mean merge value (the zip's passes can cycle).
         seed: seed of the visiting order.
 
     Returns:
-        The merged model; ``model.mergelab_merge_info`` records the alpha used and, if chosen, every score.
+        The merged model; ``info`` records the alpha used and, if chosen, every score (``alpha_scores``).
     """
-    models, st = _prepare(models, data, structure, example_input, heads, repair, "mudsc")
-    assert data is not None
-    stats = collect_features(models, st, data, max_batches=max_batches)
+    if repair not in (None, "reset"):
+        raise ValueError(
+            f"mudsc: repair={repair!r}; choose None or 'reset' (REPAIR's per-unit rescaling needs a permutation)"
+        )
+    if context is None:
+        context = match_context(
+            models,
+            data,
+            structure=structure,
+            example_input=example_input,
+            max_batches=max_batches,
+            op="mudsc",
+        )
     options = {
         "mode": mode,
         "zip_alpha": zip_alpha,
         "zip_beta": zip_beta,
-        "coefficients": coefficients,
-        "exclude": head_params(st, models[0]) if heads == "concat" else (),
+        "exclude": head_params(context.structure, context.models[0]) if heads == "concat" else (),
         "max_iter": max_iter,
         "patience": patience,
         "seed": seed,
     }
-    scores: dict[float, float] = {}
     if alpha is None:
-        chosen, al, scores = select_alpha(
-            models, st, stats, selection_data if selection_data is not None else data, alphas=alphas,
-            tasks=tasks, heads=heads, partial=partial, **options,
-        )  # fmt: skip
-        logger.info("mudsc: chose alpha=%.2f (scores %s)", chosen, scores)
+        if not alphas:
+            raise ValueError("mudsc: no candidate alphas")
+        select = {"alpha": [float(a) for a in alphas]}
     else:
-        al = mudsc_alignment(st, models, stats=stats, alpha=float(alpha), **options)  # type: ignore[arg-type]
-    merged = build_merged(models, al, heads=heads, partial=partial)
-    info = {**al.info, "heads": heads, "partial": partial, "alpha_scores": scores}
-    return _finish(merged, repair, data, max_batches, info)
+        select, options["alpha"] = None, float(alpha)
+    result = merge_aligned(
+        models, solver="dual", data=data, context=context, heads=heads, partial=partial, repair=repair,
+        coefficients=coefficients, select=select, selection_data=selection_data, tasks=tasks, op="mudsc", **options,
+    )  # fmt: skip
+    result.info["alpha_scores"] = {c["alpha"]: c["score"] for c in result.info.get("selection", [])}
+    return result
