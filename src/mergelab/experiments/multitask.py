@@ -366,13 +366,7 @@ def merge_pair(job: MergeJob) -> dict[str, Any]:
             marks={k: v.state_dict() for k, v in marks.items()}, steps=job.landscape_steps,
         )  # fmt: skip
         landscape = plane.to_dict()
-    return {
-        "dataset": spec.name,
-        "width": job.width,
-        "heads": job.heads,
-        "tasks": len(nets),
-        "seed": job.seed,
-    } | {
+    return where | {
         "rows": rows,
         "sweep": sweep,
         "zip_sweep": zip_sweep,
@@ -491,16 +485,25 @@ def _write_report(report: Report, cfg: MultitaskConfig, results: list[dict[str, 
         "methods (weight matching: Git Re-Basin's MergeMany; activation matching onto the first model; ZipIt and "
         "MuDSC zip all N models' features together)."
     )
-    setups = list(dict.fromkeys((r["dataset"], r["width"], r["heads"], r.get("tasks", 2)) for r in results))
+
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["dataset"], r["width"], r["heads"], r.get("tasks", 2), r.get("depth") or cfg.depth
+
+    setups = list(dict.fromkeys(key(r) for r in results))
     all_claims: list[Claim] = []
     summaries: dict[str, Any] = {}
-    for d, w, h, n in setups:
-        res = [
-            r for r in results if (r["dataset"], r["width"], r["heads"], r.get("tasks", 2)) == (d, w, h, n)
-        ]
-        many = "" if n == 2 else f", {n} tasks"
-        tag = f"{d}-w{w}-{h}" + ("" if n == 2 else f"-{n}tasks")
+    for d, w, h, n, depth in setups:
+        res = [r for r in results if key(r) == (d, w, h, n, depth)]
+        many = ("" if n == 2 else f", {n} tasks") + ("" if depth == cfg.depth else f", depth {depth}")
+        tag = _tag(d, w, h, n, depth, cfg.depth)
         report.heading(f"{d}, {cfg.arch} width {w}, {h} heads{many}")
+        if depth != cfg.depth:
+            report.text(
+                f"The partial-zipping cut sweep on a deeper net ({depth} hidden layers, ZipIt's own defaults): "
+                "*zipit partial (L=k)* zips the first k groups and keeps the rest per task; the figure shows joint "
+                "accuracy against k (k = last: full zipping)."
+            )
+            _cut_plot(report, res, tag, plt)
         summary = _summary(res)
         summaries[tag] = summary
         tasks_cols = [k for k in summary[0] if k.startswith("task ")]
