@@ -215,3 +215,18 @@ def test_multitask_study_both_head_setups_two_seeds(tmp_path: Path) -> None:
             overrides=[*(o for o in TINY if not o.startswith("heads")), 'heads=["sum"]'],
             progress=False,
         )
+
+
+@pytest.mark.slow
+def test_multitask_vit_preset_matches_attention_heads(tmp_path: Path) -> None:
+    """``--preset vit``: the attention-head case (heads matched as groups); partial cuts of the residual stream
+    are skipped with a warning, every other method runs."""
+    from mergelab.experiments import run_study
+
+    over = ["preset=vit", "widths=[16]", "depth=1", "vit_heads=2", "epochs=2", "seeds=[0, 1]", "alphas=[0.5]",
+            "max_iter=2", "zip_grid=[[0.3, 0.125]]"]  # fmt: skip
+    run_study("multitask", tmp_path / "run", overrides=over, progress=False)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    methods = {row["method"] for row in metrics["results"][0]["rows"]}
+    assert {"mudsc zip", "zipit (own defaults)", "weight matching", "ensemble"} <= methods
+    assert all(c["interval"]["n"] == 2 for c in metrics["claims"])

@@ -64,7 +64,8 @@ class MultitaskConfig:
     datasets: tuple[str, ...] = ("digits",)
     arch: str = "mlp"
     widths: tuple[int, ...] = (512,)  # the zoo's width option; one full run per width
-    depth: int = 3  # hidden layers (mlp / cnn only)
+    depth: int = 3  # hidden layers (mlp / cnn), transformer blocks (vit)
+    vit_heads: int = 4  # attention heads of arch="vit" (width = its residual-stream dim); see PRESETS["vit"]
     epochs: int = 30
     lr: float = 1e-3
     batch_size: int = 64
@@ -103,7 +104,17 @@ class MultitaskConfig:
 
 
 # ZipIt!'s CIFAR-10 (5+5) setting: ResNet-20×4, fixed class-embedding heads (their CLIP text embeddings).
+# "vit": the attention-head case of MuDSC's group-wise handling, a small ViT on digits (2 blocks, 4 heads).
 PRESETS: dict[str, dict[str, Any]] = {
+    "vit": {
+        "arch": "vit",
+        "widths": (64,),
+        "depth": 2,
+        "heads": ("concat",),
+        "many_tasks": (),
+        "deep_depth": 0,
+        "landscape_steps": 0,
+    },
     "paper": {
         "datasets": ("cifar10",),
         "arch": "resnet",
@@ -115,7 +126,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "stats_batches": 20,
         "landscape_steps": 0,
         "partial_cuts": (7, 13),
-    }
+    },
 }
 
 
@@ -137,7 +148,9 @@ def _task_groups(dataset: str, split: int, n_tasks: int = 2, root: str = "") -> 
     return tuple(tuple(range(t * size, (t + 1) * size)) for t in range(n_tasks))
 
 
-def _model_kwargs(arch: str, width: int, depth: int) -> dict[str, Any]:
+def _model_kwargs(arch: str, width: int, depth: int, vit_heads: int = 4) -> dict[str, Any]:
+    if arch == "vit":  # width = the residual stream; attention heads are matched as groups (MuDSC's handling)
+        return {"dim": width, "depth": depth, "heads": vit_heads}
     return {"width": width, "depth": depth} if arch in ("mlp", "cnn") else {"width": width}
 
 
@@ -156,7 +169,7 @@ def _train_job(
         data=DataSpec(d, cfg.data_root, holdout=cfg.holdout, holdout_seed=_HOLDOUT_SEED, classes=groups[t]),
         model=ModelSpec(
             cfg.arch,
-            _model_kwargs(cfg.arch, w, depth),
+            _model_kwargs(cfg.arch, w, depth, cfg.vit_heads),
             outputs="classes" if h == "concat" else "embedding",
             embed_dim=cfg.embed_dim,
         ),  # fmt: skip
