@@ -17,6 +17,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("_version", "options"),
     ("data",),
     ("evaluation", "models", "structure"),
+    ("batchnorm",),  # BatchNorm statistics from data (update_bn); used by train/ and merge/
     ("io", "match", "train"),
     ("merge",),
     ("analysis",),
