@@ -118,7 +118,10 @@ def paired_interval(
     if np.ptp(x) == 0.0:  # every seed gave the same difference: the interval is that point
         return Interval(mean, mean, mean, n, level, method)
     if method == "t":
-        low, high = stats.t.interval(level, n - 1, loc=mean, scale=stats.sem(x))
+        sem = float(stats.sem(x))
+        if not sem > 0.0:  # spread below float resolution (sem underflows): scipy would return NaN
+            return Interval(mean, mean, mean, n, level, method)
+        low, high = stats.t.interval(level, n - 1, loc=mean, scale=sem)
         return Interval(mean, float(low), float(high), n, level, method)
     res = stats.bootstrap(
         (x,), np.mean, confidence_level=level, n_resamples=n_resamples, method="percentile",
