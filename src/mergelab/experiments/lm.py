@@ -143,7 +143,6 @@ def lm_pair_job(job: PairJob) -> dict[str, Any]:
     import mergelab
     from mergelab.analysis.interpolate import interpolate
     from mergelab.evaluation import evaluate
-    from mergelab.match.context import match_context
     from mergelab.merge.aligned import align_to
 
     torch.set_num_threads(1)
@@ -167,7 +166,7 @@ def lm_pair_job(job: PairJob) -> dict[str, Any]:
                 merged = mergelab.merge([a, b], method="average")
             else:
                 if ctx is None:
-                    ctx = match_context([a, b], stats, example_input=stats[0][0][:2])
+                    ctx = mergelab.match_context([a, b], stats, example_input=stats[0][0][:2])
                     discover_seconds = time.perf_counter() - start
                     start = time.perf_counter()
                 b_path = align_to(a, b, method=method, context=ctx)

@@ -233,7 +233,6 @@ def merge_pair(job: MergeJob) -> dict[str, Any]:
     context; returns table rows, the alpha sweep and the landscape."""
     import mergelab
     from mergelab.analysis.tasks import TaskSet, evaluate_multitask
-    from mergelab.match.context import match_context
     from mergelab.merge.aligned import merge_aligned
     from mergelab.merge.partial import ClassEmbeddingModel, class_embeddings
 
@@ -261,7 +260,9 @@ def merge_pair(job: MergeJob) -> dict[str, Any]:
     hold_loader = DataLoader(hold, batch_size=512)
     test_loader = DataLoader(test_ds, batch_size=512)
     # One context: the structure is discovered and the statistics streamed once, for every method below.
-    ctx = match_context(nets, union, example_input=fit.tensors[0][:2], max_batches=job.stats_batches or None)
+    ctx = mergelab.match_context(
+        nets, union, example_input=fit.tensors[0][:2], max_batches=job.stats_batches or None
+    )
     table = class_embeddings(data.num_classes, job.embed_dim, seed=0)[list(tasks.output_classes)].to(device)
 
     def merge(method: str, **options: Any) -> Any:
