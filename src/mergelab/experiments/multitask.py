@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,7 @@ def merge_pair(job: MergeJob) -> dict[str, Any]:
     from mergelab.merge.partial import ClassEmbeddingModel, class_embeddings
 
     torch.set_num_threads(1)
+    cpu0 = time.process_time()
     spec = job.models[0].data
     device = resolve_device(job.models[0].device)
     data = spec.load()
@@ -309,8 +311,12 @@ def merge_pair(job: MergeJob) -> dict[str, Any]:
         record(f"zipit partial (L={cut})", partial, cut=cut)
     where = {"dataset": spec.name, "width": job.width, "heads": job.heads, "tasks": len(nets),
              "depth": job.models[0].model.kwargs.get("depth"), "seed": job.seed}  # fmt: skip
+
+    def cpu() -> dict[str, float]:
+        return {"cpu_s": time.process_time() - cpu0}
+
     if not job.full:
-        return where | {
+        return where | cpu() | {
             "rows": rows,
             "sweep": [],
             "zip_sweep": [],
@@ -380,13 +386,17 @@ def merge_pair(job: MergeJob) -> dict[str, Any]:
             marks={k: v.state_dict() for k, v in marks.items()}, steps=job.landscape_steps,
         )  # fmt: skip
         landscape = plane.to_dict()
-    return where | {
-        "rows": rows,
-        "sweep": sweep,
-        "zip_sweep": zip_sweep,
-        "landscape": landscape,
-        "reference": list(reference),
-    }
+    return (
+        where
+        | cpu()
+        | {
+            "rows": rows,
+            "sweep": sweep,
+            "zip_sweep": zip_sweep,
+            "landscape": landscape,
+            "reference": list(reference),
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------------- the study
@@ -398,6 +408,7 @@ def multitask(cfg: MultitaskConfig, out: Path, executor: Executor) -> Report:
     cfg = apply_preset(cfg, PRESETS, "multitask")
     check_data_root("multitask", cfg.datasets, cfg.data_root)
     resolve_device(cfg.device)
+    started = time.perf_counter()
     report = Report(out, "Merging models trained on different tasks: ZipIt! and MuDSC", config=vars(cfg))
     for h in cfg.heads:
         if h not in ("concat", "embedding"):
@@ -450,6 +461,12 @@ def multitask(cfg: MultitaskConfig, out: Path, executor: Executor) -> Report:
     ]  # fmt: skip
     report.metrics["results"] = [{k: v for k, v in r.items() if k != "landscape"} for r in results]
     _write_report(report, cfg, results, out)
+    report.metrics["wall_s"] = time.perf_counter() - started
+    cpu = sum(r.cpu_seconds for r in trained) + sum(r.get("cpu_s", 0.0) for r in results)
+    report.text(
+        f"{len(trained)} training and {len(results)} merge jobs: {cpu:.0f} CPU-s summed over jobs, "
+        f"{report.metrics['wall_s']:.0f} s wall ({executor.backend} executor)."
+    )
     return report
 
 
