@@ -316,13 +316,17 @@ def merge_pair(job: MergeJob) -> dict[str, Any]:
         return {"cpu_s": time.process_time() - cpu0}
 
     if not job.full:
-        return where | cpu() | {
-            "rows": rows,
-            "sweep": [],
-            "zip_sweep": [],
-            "landscape": None,
-            "reference": list(reference),
-        }
+        return (
+            where
+            | cpu()
+            | {
+                "rows": rows,
+                "sweep": [],
+                "zip_sweep": [],
+                "landscape": None,
+                "reference": list(reference),
+            }
+        )
     res_zip = merge("zipit", alpha=job.zip_alpha, beta=job.zip_beta)
     record(ZIPIT_MUDSC, res_zip.model)
     # ZipIt's (alpha, beta) and MuDSC's alpha are chosen on held-out data, the best first candidate winning ties;
