@@ -312,7 +312,8 @@ def test_study_with_both_datasets_archs_and_seeds(tmp_path: Path) -> None:
 
     overrides = ["seeds=[0, 1]", "epochs=3", "t0=1", "swa_start=2", "k=2", "resnet_width=0.25",
                  "vgg_width=0.125", "mnist1d_samples=600", 'datasets=["mnist1d", "digits"]', 'archs=["resnet", "vgg"]',
-                 "save_checkpoints=true", "t0_fractions=[]"]  # fmt: skip
+                 "t0_fractions=[]",
+                 'variants=["baseline", "swa", "bn", "bn+swa", "rank1", "rank1+swa"]']  # fmt: skip
     report = run_study("late-phase", tmp_path / "run", overrides=overrides, progress=False)
     text = report.read_text()
     for row in ("| mnist1d | resnet | rank1+swa |", "| digits | vgg | baseline |"):
