@@ -289,7 +289,7 @@ def test_study_runs_end_to_end(tmp_path: Path) -> None:
     from mergelab.experiments.runner import run_study
 
     overrides = ['datasets=["digits"]', 'archs=["vgg"]', 'variants=["baseline", "bn+swa", "rank1"]', "seeds=[0]",
-                 "epochs=2", "t0=1", "swa_start=1", "k=2", "vgg_width=0.125", "save_checkpoints=false",
+                 "epochs=2", "t0=1", "swa_start=1", "k=2", "vgg_width=0.125",
                  "t0_fractions=[0.0, 0.5]", 'sweep_schedules=["cycle"]']  # fmt: skip
     report = run_study("late-phase", tmp_path / "run", overrides=overrides, progress=False)
     text = report.read_text()
@@ -299,6 +299,10 @@ def test_study_runs_end_to_end(tmp_path: Path) -> None:
         "T0 = 0 hurts (cycle schedule)" in text and (tmp_path / "run" / "t0-sweep-digits-vgg.png").is_file()
     )
     assert (tmp_path / "run" / "curves-digits.png").is_file()
+    assert (
+        mergelab.io.load(tmp_path / "run" / "models" / "digits-vgg" / "bn-swa-seed0").mergelab_spec["arch"]
+        == "vgg"
+    )
 
 
 @pytest.mark.slow
@@ -307,11 +311,12 @@ def test_study_with_both_datasets_archs_and_seeds(tmp_path: Path) -> None:
 
     overrides = ["seeds=[0, 1]", "epochs=3", "t0=1", "swa_start=2", "k=2", "resnet_width=0.25",
                  "vgg_width=0.125", "mnist1d_samples=600", 'datasets=["mnist1d", "digits"]', 'archs=["resnet", "vgg"]',
-                 "save_checkpoints=true", "t0_fractions=[]"]  # fmt: skip
+                 "t0_fractions=[]",
+                 'variants=["baseline", "swa", "bn", "bn+swa", "rank1", "rank1+swa"]']  # fmt: skip
     report = run_study("late-phase", tmp_path / "run", overrides=overrides, progress=False)
     text = report.read_text()
     for row in ("| mnist1d | resnet | rank1+swa |", "| digits | vgg | baseline |"):
         assert row in text
-    assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 2 * 2 * 6 * 2
-    loaded = mergelab.io.load(tmp_path / "run" / "checkpoints" / "digits-resnet-bn-swa-seed1")
+    assert len(list((tmp_path / "run" / "models").glob("*/*"))) == 2 * 2 * 6 * 2
+    loaded = mergelab.io.load(tmp_path / "run" / "models" / "digits-resnet" / "bn-swa-seed1")
     assert loaded.mergelab_spec["kwargs"]["norm"] == "batchnorm"

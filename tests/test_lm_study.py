@@ -81,8 +81,11 @@ def test_lm_study_smoke(tmp_path: Path) -> None:
     assert "aligned: weight_matching" in text and "Discovered structure" in text
     from transformers import GPT2LMHeadModel
 
-    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "lm" / "models" / "seed-1")
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "lm" / "hf" / "seed-1")  # a Hugging Face folder
     assert reloaded.config.n_embd == 16
+    assert (
+        tmp_path / "lm" / "models" / "seed-1" / "model.safetensors"
+    ).is_file()  # the training job's checkpoint
 
 
 @pytest.mark.slow

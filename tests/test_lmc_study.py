@@ -27,7 +27,11 @@ def test_lmc_study_tiny(tmp_path: Path) -> None:
         progress=False,
     )
     text = report.read_text()
-    assert "weight_matching + repair" in text and "barrier-vs-width.png" in text
+    assert (
+        "activation_matching + repair" in text
+        and "weight_matching + repair" not in text
+        and "barrier-vs-width.png" in text
+    )
     assert text.index("Claims and verdicts") < text.index("## Barriers")
     metrics = json.loads((tmp_path / "lmc" / "metrics.json").read_text())["metrics"]
     barrier = {(r["width ×"], r["path"]): r["loss barrier"][0] for r in metrics["rows"]}

@@ -152,7 +152,7 @@ def test_endpoint_alignment_places_a_model_exactly_in_the_merged_basis() -> None
 # ----------------------------------------------------------------------------------------------- the study
 
 TINY = ["datasets=[\"digits\"]", "widths=[12]", "depth=2", "epochs=1", "seeds=[0, 1]", "alphas=[0.5]", "max_iter=2",
-        "landscape_steps=3", "partial_cuts=[1]", "heads=[\"concat\"]", "zip_grid=[[0.3, 0.125], [0.5, 1.0]]"]  # fmt: skip
+        "landscape_steps=3", "partial_cuts=[1]", "heads=[\"concat\"]", "zip_grid=[[0.3, 0.125], [0.5, 1.0]]", "deep_depth=5"]  # fmt: skip
 
 
 def test_multitask_study_runs_end_to_end(tmp_path: Path) -> None:
@@ -182,6 +182,21 @@ def test_multitask_study_runs_end_to_end(tmp_path: Path) -> None:
     assert all(0.0 <= r["joint"] <= 1.0 for r in rows)
     assert (tmp_path / "run" / "landscape_digits-w12-concat.png").exists()
     assert (tmp_path / "run" / "alpha_sweep_digits-w12-concat.png").exists()
+    # N = 3 models (digits 0–2 / 3–5 / 6–8) merged at once: its own table, claims and sweep, no landscape
+    assert "concat heads, 3 tasks" in text and "| task C |" in text.replace(" | task C", "| task C")
+    three = [r for r in metrics["metrics"]["results"] if r["tasks"] == 3]
+    assert len(three) == 2 and all(0.0 <= row["joint"] <= 1.0 for r in three for row in r["rows"])
+    assert any("3 tasks" in c["setting"] for c in claims)
+    assert not (tmp_path / "run" / "landscape_digits-w12-concat-3tasks.png").exists()
+    # the partial-zipping cut sweep on a deeper net: every cut 1..4, its figure and a claim at ZipIt's ratio
+    deep = [r for r in metrics["metrics"]["results"] if r["depth"] == 5]
+    assert {row["method"] for row in deep[0]["rows"]} >= {
+        "zipit partial (L=3)",
+        "zipit partial (L=1)",
+        "ensemble",
+    }
+    assert (tmp_path / "run" / "partial_cuts_digits-w12-concat-depth5.png").exists()
+    assert any("ZipIt's 13/20" in c["claim"] for c in claims)
 
 
 @pytest.mark.slow
@@ -200,3 +215,18 @@ def test_multitask_study_both_head_setups_two_seeds(tmp_path: Path) -> None:
             overrides=[*(o for o in TINY if not o.startswith("heads")), 'heads=["sum"]'],
             progress=False,
         )
+
+
+@pytest.mark.slow
+def test_multitask_vit_preset_matches_attention_heads(tmp_path: Path) -> None:
+    """``--preset vit``: the attention-head case (heads matched as groups); partial cuts of the residual stream
+    are skipped with a warning, every other method runs."""
+    from mergelab.experiments import run_study
+
+    over = ["preset=vit", "widths=[16]", "depth=1", "vit_heads=2", "epochs=2", "seeds=[0, 1]", "alphas=[0.5]",
+            "max_iter=2", "zip_grid=[[0.3, 0.125]]"]  # fmt: skip
+    run_study("multitask", tmp_path / "run", overrides=over, progress=False)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    methods = {row["method"] for row in metrics["results"][0]["rows"]}
+    assert {"mudsc zip", "zipit (own defaults)", "weight matching", "ensemble"} <= methods
+    assert all(c["interval"]["n"] == 2 for c in metrics["claims"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -30,7 +29,7 @@ from mergelab.analysis.weight_patterns import (
     unit_template_figure,
     weight_templates,
 )
-from mergelab.experiments.rethinking import RethinkingConfig, bootstrap_ci, wilson_interval
+from mergelab.experiments.rethinking import RethinkingConfig
 from mergelab.experiments.runner import build_config, run_study
 from mergelab.merge.average import average
 from mergelab.merge.ensemble import Ensemble
@@ -235,14 +234,6 @@ def test_plot_pattern_rows_counts_only_drawn_panels(tmp_path: Path) -> None:
 # -- statistics and config -----------------------------------------------------------------------------------
 
 
-def test_intervals() -> None:
-    lo, hi = wilson_interval(450, 450)
-    assert lo < 1.0 and hi == pytest.approx(1.0)
-    lo, hi = bootstrap_ci(np.r_[np.ones(90), np.zeros(10)], 500)
-    assert lo < 0.9 < hi
-    assert bootstrap_ci(np.zeros(5))[0] == 0.0
-
-
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="pool kind"):
         RethinkingConfig(pools=("pretrained", "borrowed"))
@@ -271,7 +262,6 @@ TINY = [
     "scale_factors=[1, 100]",
     "noise_levels=[0, 0.5]",
     "pattern_epochs=1",
-    "n_bootstrap=50",
 ]
 
 

@@ -1,7 +1,8 @@
 """Finished study jobs on disk, so an interrupted or repeated study recomputes only what is missing.
 
 A job is identified by its function's name and a fingerprint of its options (nested dicts, lists, tuples,
-numbers, strings, dataclasses, paths, tensors and arrays by content). Its result is stored as ``NAME-KEY.json``
+numbers, strings, dataclasses, paths, tensors and arrays by content; a dataclass field marked
+``metadata={"fingerprint": False}`` is left out). Its result is stored as ``NAME-KEY.json``
 (structure, including mergelab's own dataclasses field by field) beside ``NAME-KEY.safetensors`` (tensors and
 arrays); no pickle is written or read. The JSON file is
 renamed into place last, so a result is either complete or absent.
@@ -107,7 +108,9 @@ def _feed(h: Any, obj: Any) -> None:
         _feed(h, obj.item())
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         h.update(f"dc:{type(obj).__qualname__}".encode())
-        _feed(h, {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+        # a field marked ``metadata={"fingerprint": False}`` (e.g. where a job writes) is not part of its identity
+        fields = [f for f in dataclasses.fields(obj) if f.metadata.get("fingerprint", True)]
+        _feed(h, {f.name: getattr(obj, f.name) for f in fields})
     elif isinstance(obj, Path):
         h.update(f"path:{obj};".encode())
     else:

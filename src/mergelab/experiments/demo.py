@@ -16,8 +16,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from mergelab.evaluation import evaluate
+from mergelab.experiments._training import MODELS, DataSpec, ModelSpec, TrainJob, run_train_job
 from mergelab.experiments.runner import Executor, register_study
 from mergelab.report import Report
+from mergelab.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +44,6 @@ class DemoConfig:
     interpolation_steps: int = 11
 
 
-def train_member(job: dict[str, Any]) -> dict[str, Any]:
-    """One training job (top-level so Ray can ship it): returns the state dict and metrics."""
-    from mergelab.data import load_dataset
-    from mergelab.models import build_model
-    from mergelab.train import TrainConfig, train
-
-    torch.set_num_threads(1)
-    data = load_dataset(job["dataset"])
-    torch.manual_seed(job["seed"])
-    model = build_model(job["arch"], data.input_shape, data.num_classes, **job["model_kwargs"])
-    cfg = TrainConfig(epochs=job["epochs"], lr=job["lr"], data_seed=job["seed"], progress=False)
-    history = train(model, data.train, cfg, test_data=data.test)
-    return {"seed": job["seed"], "state_dict": model.state_dict(), "history": history.to_dict()}
-
-
 @register_study("demo", DemoConfig)
 def demo(cfg: DemoConfig, out: Path, executor: Executor) -> Report:
     """Train two seeds, merge them with each method, compare with the endpoints and their ensemble."""
@@ -66,7 +53,6 @@ def demo(cfg: DemoConfig, out: Path, executor: Executor) -> Report:
     from mergelab.data import load_dataset
     from mergelab.io import save
     from mergelab.merge import merge
-    from mergelab.models import build_model
 
     report = Report(
         out, f"mergelab demo: merging {len(cfg.seeds)} {cfg.arch}s trained on {cfg.dataset}", config=vars(cfg)
@@ -74,33 +60,25 @@ def demo(cfg: DemoConfig, out: Path, executor: Executor) -> Report:
     data = load_dataset(cfg.dataset)
     model_kwargs: dict[str, Any] = {"width": cfg.width, "depth": cfg.depth} if cfg.arch == "mlp" else {}
     jobs = [
-        dict(
-            dataset=cfg.dataset,
-            arch=cfg.arch,
-            model_kwargs=model_kwargs,
-            epochs=cfg.epochs,
-            lr=cfg.lr,
-            seed=s,
-        )
+        TrainJob(
+            name=f"seed{s}",
+            data=DataSpec(cfg.dataset),
+            model=ModelSpec(cfg.arch, model_kwargs),
+            train=TrainConfig(epochs=cfg.epochs, lr=cfg.lr, data_seed=s, progress=False),
+            init_seed=s,
+            evaluate=True,
+            device="cpu",
+        ).at(out)
         for s in cfg.seeds
     ]
-    results = executor.map(train_member, jobs, desc="train members")
-    models = []
-    for r in results:
-        m = build_model(cfg.arch, data.input_shape, data.num_classes, **model_kwargs)
-        m.load_state_dict(r["state_dict"])
-        m.eval()
-        save(
-            m, out / "checkpoints" / f"seed{r['seed']}", metadata={"seed": r["seed"], "history": r["history"]}
-        )
-        models.append(m)
-
+    executor.map(run_train_job, jobs, desc="train members")
+    models = [job.load() for job in jobs]
     train_loader = DataLoader(data.train, batch_size=256)
     test_loader = DataLoader(data.test, batch_size=512)
     rows: list[dict[str, Any]] = []
-    for r, m in zip(results, models, strict=True):
+    for s, m in zip(cfg.seeds, models, strict=True):
         t = evaluate(m, test_loader)
-        rows.append({"model": f"seed {r['seed']}", "test accuracy": t.accuracy, "test loss": t.loss})
+        rows.append({"model": f"seed {s}", "test accuracy": t.accuracy, "test loss": t.loss})
     ensemble = _OutputEnsemble(models)
     t = evaluate(ensemble, test_loader)
     rows.append(
@@ -121,7 +99,7 @@ def demo(cfg: DemoConfig, out: Path, executor: Executor) -> Report:
         merged_models[method] = merged
         t = evaluate(merged, test_loader)
         rows.append({"model": f"merge: {method}", "test accuracy": t.accuracy, "test loss": t.loss})
-        save(merged, out / "checkpoints" / f"merged-{method}", metadata={"method": method})
+        save(merged, out / MODELS / f"merged-{method}", metadata={"method": method})
 
     report.heading("Endpoints, ensemble and merges")
     report.text(

@@ -31,15 +31,11 @@ import numpy as np
 import torch
 
 from mergelab.analysis.verdict import Claim, claim, paired_interval
-from mergelab.experiments._study import (
-    apply_preset,
-    check_data_root,
-    load_study_data,
-    resolve_device,
-    to_device,
-)
+from mergelab.experiments._study import apply_preset, check_data_root, resolve_device
+from mergelab.experiments._training import DataSpec, ModelSpec, TrainJob, run_train_job
 from mergelab.experiments.runner import Executor, register_study
 from mergelab.report import Report
+from mergelab.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -133,33 +129,41 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _load(dataset: str, samples: int, root: str = "") -> Any:
-    return load_study_data(dataset, root, **({"num_samples": samples} if dataset == "mnist1d" else {}))
+@dataclass(frozen=True)
+class PairJob:
+    """One seed pair of one (dataset, arch): align, merge, visualise and score its layers."""
+
+    models: tuple[TrainJob, TrainJob]  # A, B
+    dataset: str
+    arch: str
+    pair: tuple[int, int]
+    layers: tuple[str, ...]
+    method: str
+    scored_units: int
+    actmax: dict[str, Any]  # ActMaxConfig options except value_range (from the data when clamp_to_data)
+    clamp_to_data: bool
+    top_k: int
+    dominance_margin: float
+    keep_pictures: bool  # the first pair's comparisons come back for the figures
+    threads: int = 1
 
 
-def train_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Train one model (top-level so Ray can ship it); returns its state dict."""
-    from mergelab.models import build_model
-    from mergelab.train import TrainConfig, train
-
-    torch.set_num_threads(job["threads"])
-    cpu0 = time.process_time()
-    device = resolve_device(job["device"])
-    data = _load(job["dataset"], job["samples"], job["data_root"])
-    torch.manual_seed(job["seed"])
-    model = build_model(job["arch"], data.input_shape, data.num_classes, **job["kwargs"]).to(device)
-    cfg = TrainConfig(
-        epochs=job["epochs"],
-        lr=job["lr"],
-        batch_size=job["batch_size"],
-        data_seed=job["seed"],
-        progress=False,
-    )
-    train(model, to_device(data.train, device), cfg)
-    state = {k: v.cpu() for k, v in model.state_dict().items()}
-    return {k: job[k] for k in ("dataset", "arch", "seed")} | {
-        "state_dict": state,
-        "cpu_s": time.process_time() - cpu0,
+def _train_jobs(cfg: FeaturesConfig, out: Path) -> dict[tuple[str, str, int], TrainJob]:
+    """One :class:`TrainJob` per (dataset, arch, seed)."""
+    train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, progress=False)
+    return {
+        (d, a, s): TrainJob(
+            name=f"{d}-{a}/seed-{s}",
+            data=DataSpec(d, cfg.data_root, {"num_samples": cfg.mnist1d_samples} if d == "mnist1d" else {}),
+            model=ModelSpec(a, cfg.arch_kwargs(a)),
+            train=dataclasses.replace(train, data_seed=s),
+            init_seed=s,
+            device=cfg.device,
+            threads=cfg.torch_threads,
+        ).at(out)
+        for d in cfg.datasets
+        for a in cfg.archs
+        for s in cfg.seeds
     }
 
 
@@ -215,7 +219,7 @@ def dominance(match_a: np.ndarray, match_b: np.ndarray, margin: float) -> np.nda
     return np.abs(match_a - match_b) >= margin
 
 
-def analysis_job(job: dict[str, Any]) -> dict[str, Any]:
+def analysis_job(job: PairJob) -> dict[str, Any]:
     """Align, merge, visualise and score one seed pair of one (dataset, arch), over its layers (top-level for
     Ray)."""
     from torch.utils.data import DataLoader
@@ -229,20 +233,18 @@ def analysis_job(job: dict[str, Any]) -> dict[str, Any]:
         unit_activations,
     )
     from mergelab.evaluation import evaluate
-    from mergelab.models import build_model
 
-    torch.set_num_threads(job["threads"])
+    torch.set_num_threads(job.threads)
     start, cpu0 = time.perf_counter(), time.process_time()
-    data = _load(job["dataset"], job["samples"], job["data_root"])
-    a, b = (build_model(job["arch"], data.input_shape, data.num_classes, **job["kwargs"]) for _ in range(2))
-    a.load_state_dict(job["states"][0])
-    b.load_state_dict(job["states"][1])
+    data = job.models[0].data.load()
+    a, b = (m.load("cpu") for m in job.models)
+    a.train(), b.train()  # as built: endpoint_models decides the modes
     train_loader = DataLoader(data.train, batch_size=256)
     test_loader = DataLoader(data.test, batch_size=512)
     models = endpoint_models(
         a,
         b,
-        method=job["method"],
+        method=job.method,
         data=train_loader,
         example_input=data.train.tensors[0][:2],
     )
@@ -252,21 +254,14 @@ def analysis_job(job: dict[str, Any]) -> dict[str, Any]:
     x = data.train.tensors[0]
     x_test = data.test.tensors[0]
     cfg = ActMaxConfig(
-        steps=job["steps"],
-        lr=job["actmax_lr"],
-        l2=job["l2"],
-        tv=job["tv"],
-        jitter=job["jitter"],
-        fourier=job["fourier"],
-        value_range=(float(x.min()), float(x.max())) if job["clamp_to_data"] else None,
-        seed=job["actmax_seed"],
+        **job.actmax, value_range=(float(x.min()), float(x.max())) if job.clamp_to_data else None
     )
     layers = []
-    for layer in job["layers"]:
+    for layer in job.layers:
         size = select_units(a, layer, input_shape=data.input_shape).size
-        units = list(range(min(job["scored_units"], size)))
+        units = list(range(min(job.scored_units, size)))
         comparison = compare_units(
-            {k: models[k] for k in COLUMNS}, layer, units, data=train_loader, config=cfg, k=job["top_k"]
+            {k: models[k] for k in COLUMNS}, layer, units, data=train_loader, config=cfg, k=job.top_k
         )
         rows = [{k: v for k, v in r.items() if k != "mix↔merge"} for r in similarity_rows(comparison)]
         with torch.no_grad():
@@ -295,7 +290,7 @@ def analysis_job(job: dict[str, Any]) -> dict[str, Any]:
         dom = dominance(
             np.asarray(stats["activation"]["aligned"]["match_a"]),
             np.asarray(stats["activation"]["aligned"]["match_b"]),
-            job["dominance_margin"],
+            job.dominance_margin,
         )
         weak = r_match < np.median(r_match)
         layers.append(
@@ -321,13 +316,13 @@ def analysis_job(job: dict[str, Any]) -> dict[str, Any]:
                     )
                     for view in ("actmax", "topk")
                 },
-                "comparison": comparison if job["keep_pictures"] else None,
+                "comparison": comparison if job.keep_pictures else None,
             }
         )
     return {
-        "dataset": job["dataset"],
-        "arch": job["arch"],
-        "pair": job["pair"],
+        "dataset": job.dataset,
+        "arch": job.arch,
+        "pair": list(job.pair),
         "accuracy": accuracy,
         "layers": layers,
         "seconds": time.perf_counter() - start,
@@ -356,49 +351,31 @@ def features(cfg: FeaturesConfig, out: Path, executor: Executor) -> Report:
     resolve_device(cfg.device)
     t0, cpu0 = time.perf_counter(), time.process_time()
     report = Report(out, "Feature visualization: endpoint vs merged units", config=dataclasses.asdict(cfg))
-    common = {"samples": cfg.mnist1d_samples, "threads": cfg.torch_threads, "device": cfg.device,
-              "data_root": cfg.data_root}  # fmt: skip
-    train_jobs = [
-        common
-        | {
-            "dataset": d,
-            "arch": a,
-            "seed": s,
-            "kwargs": cfg.arch_kwargs(a),
-            "epochs": cfg.epochs,
-            "lr": cfg.lr,
-            "batch_size": cfg.batch_size,
-        }
-        for d in cfg.datasets
-        for a in cfg.archs
-        for s in cfg.seeds
+    jobs = _train_jobs(cfg, out)
+    trained = [
+        {"dataset": d, "arch": a, "seed": s, "cpu_s": r.cpu_seconds, "checkpoint": r.checkpoint}
+        for (d, a, s), r in zip(
+            jobs, executor.map(run_train_job, list(jobs.values()), desc="train"), strict=True
+        )
     ]
-    trained = executor.map(train_job, train_jobs, desc="train")
-    states = {(r["dataset"], r["arch"], r["seed"]): r["state_dict"] for r in trained}
-    trained = [{k: v for k, v in r.items() if k != "state_dict"} for r in trained]
+    actmax = {"steps": cfg.steps, "lr": cfg.actmax_lr, "l2": cfg.l2, "tv": cfg.tv, "jitter": cfg.jitter,
+              "fourier": cfg.fourier, "seed": cfg.actmax_seed}  # fmt: skip
     analysis_jobs = [
-        common
-        | {
-            "dataset": d,
-            "arch": a,
-            "pair": list(pair),
-            "kwargs": cfg.arch_kwargs(a),
-            "states": [states[(d, a, s)] for s in pair],
-            "layers": list(cfg.layer_names(a)),
-            "method": cfg.method,
-            "scored_units": cfg.scored_units,
-            "steps": cfg.steps,
-            "actmax_lr": cfg.actmax_lr,
-            "l2": cfg.l2,
-            "tv": cfg.tv,
-            "jitter": cfg.jitter,
-            "fourier": cfg.fourier,
-            "clamp_to_data": cfg.clamp_to_data,
-            "top_k": cfg.top_k,
-            "actmax_seed": cfg.actmax_seed,
-            "dominance_margin": cfg.dominance_margin,
-            "keep_pictures": k == 0,
-        }
+        PairJob(
+            models=(jobs[(d, a, pair[0])], jobs[(d, a, pair[1])]),
+            dataset=d,
+            arch=a,
+            pair=pair,
+            layers=cfg.layer_names(a),
+            method=cfg.method,
+            scored_units=cfg.scored_units,
+            actmax=actmax,
+            clamp_to_data=cfg.clamp_to_data,
+            top_k=cfg.top_k,
+            dominance_margin=cfg.dominance_margin,
+            keep_pictures=k == 0,
+            threads=cfg.torch_threads,
+        )
         for d in cfg.datasets
         for a in cfg.archs
         for k, pair in enumerate(cfg.pairs)
@@ -495,7 +472,7 @@ def features(cfg: FeaturesConfig, out: Path, executor: Executor) -> Report:
     cpu_main = time.process_time() - cpu0
     report.heading("Run")
     report.text(
-        f"{len(train_jobs)} training jobs and {len(analysis_jobs)} analysis jobs on the `{executor.backend}` "
+        f"{len(jobs)} training jobs and {len(analysis_jobs)} analysis jobs on the `{executor.backend}` "
         f"backend; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
         f"wall time {time.perf_counter() - t0:.0f} s. CPU time {cpu_main + cpu_train + cpu_analysis:.0f} s "
         f"(training jobs {cpu_train:.0f} s, analysis jobs {cpu_analysis:.0f} s, this process {cpu_main:.0f} s; "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +23,11 @@ import numpy as np
 import torch
 
 from mergelab.analysis.verdict import Claim, claim
-from mergelab.experiments._study import (
-    apply_preset,
-    check_data_root,
-    load_study_data,
-    resolve_device,
-    to_device,
-)
+from mergelab.experiments._study import apply_preset, check_data_root, resolve_device
+from mergelab.experiments._training import MODELS, DataSpec, ModelSpec
 from mergelab.experiments.runner import Executor, register_study
 from mergelab.report import Report, mean_std
+from mergelab.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +70,8 @@ class LatePhaseStudyConfig:
     resnet_width: float = 0.25  # 4/8/16 channels: small enough to stay below saturation
     vgg_width: float = 0.25  # 8/16/32 channels
     mnist1d_samples: int = 2500  # 2000 train / 500 test: keeps the default run near 10 min
-    save_checkpoints: bool = False
+    # unused: every run's final model is saved to models/ (kept so older study files still load)
+    save_checkpoints: bool = True
     # T0 sweep (BatchNorm late phase): start fractions × member schedules, every seed; () = no sweep
     t0_fractions: tuple[float, ...] = (0.0, 0.3, 0.6, 0.8)
     sweep_schedules: tuple[str, ...] = ("cycle", "random")
@@ -112,52 +109,59 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _dataset_kwargs(cfg: dict[str, Any], name: str) -> dict[str, Any]:
-    return {"num_samples": cfg["mnist1d_samples"]} if name == "mnist1d" else {}
-
-
-def _model_kwargs(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
+def _model_kwargs(cfg: LatePhaseStudyConfig, arch: str) -> dict[str, Any]:
     if arch == "resnet":
-        return {"depth": cfg["resnet_depth"], "width": cfg["resnet_width"], "norm": "batchnorm"}
+        return {"depth": cfg.resnet_depth, "width": cfg.resnet_width, "norm": "batchnorm"}
     if arch == "vgg":
-        return {"width": cfg["vgg_width"], "norm": "batchnorm"}
+        return {"width": cfg.vgg_width, "norm": "batchnorm"}
     raise ValueError(f"late-phase study: arch {arch!r} is not supported; use 'resnet' or 'vgg'")
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """One (dataset, arch, variant, seed) run (top-level so Ray can ship it); returns plain metrics."""
+@dataclass(frozen=True)
+class LatePhaseJob:
+    """One (dataset, arch, variant, seed) run, plus the late phase's T0 and member schedule; its final model is
+    saved to ``RUN/models/NAME`` (a zoo checkpoint: ``mergelab.load`` rebuilds it)."""
+
+    name: str
+    data: DataSpec
+    model: ModelSpec
+    train: TrainConfig  # SGD, cosine; data_seed = the seed
+    variant: str
+    seed: int
+    t0: int
+    schedule: str
+    k: int
+    noise: float  # init noise of the members
+    shared_grad: str
+    swa_start: int
+    swa_lr: float
+    device: str = "auto"
+    run_dir: str = field(default="", compare=False, metadata={"fingerprint": False})
+
+
+def run_job(job: LatePhaseJob) -> dict[str, Any]:
+    """Train one run (top-level so worker processes and Ray can ship it); returns plain metrics."""
     from mergelab.evaluation import evaluate
-    from mergelab.models import build_model
-    from mergelab.train import TrainConfig
+    from mergelab.io import save
     from mergelab.train.late_phase import evaluate_ensemble, train_late_phase
     from mergelab.train.swa import train_swa
 
     torch.set_num_threads(1)
-    cfg = job["config"]
-    device = resolve_device(cfg["device"])
-    data = load_study_data(job["dataset"], cfg["data_root"], **_dataset_kwargs(cfg, job["dataset"]))
-    train_ds, test_ds = to_device(data.train, device), to_device(data.test, device)
-    torch.manual_seed(job["seed"])
-    model = build_model(job["arch"], data.input_shape, data.num_classes, **_model_kwargs(cfg, job["arch"]))
-    model = model.to(device)
-    t0, schedule = job.get("t0", cfg["t0"]), job.get("schedule", cfg["schedule"])
-    train_cfg = TrainConfig(
-        epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer="sgd", lr=cfg["lr"],
-        momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], schedule="cosine", data_seed=job["seed"],
-        progress=False,
-    )  # fmt: skip
+    device = resolve_device(job.device)
+    train_ds, _, test_ds = job.data.splits(device)
+    torch.manual_seed(job.seed)
+    model = job.model.build(job.data).to(device)
+    train_cfg = job.train
     test = torch.utils.data.DataLoader(test_ds, batch_size=512)
-    variant: str = job["variant"]
-    late, swa = variant.split("+")[0], variant.endswith("+swa") or variant == "swa"
-    start = time.perf_counter()
-    out: dict[str, Any] = {k: job[k] for k in ("dataset", "arch", "variant", "seed")} | {
-        "t0": t0,
-        "schedule": schedule,
-    }
+    late, swa = job.variant.split("+")[0], job.variant.endswith("+swa") or job.variant == "swa"
+    start, cpu0 = time.perf_counter(), time.process_time()
+    out: dict[str, Any] = {"dataset": job.data.name, "arch": job.model.arch, "variant": job.variant,
+                           "seed": job.seed, "t0": job.t0, "schedule": job.schedule}  # fmt: skip
     if late in ("baseline", "swa"):
         if swa:
-            r = train_swa(model, train_ds, train_cfg, swa_start=cfg["swa_start"], swa_lr=cfg["swa_lr"],
-                          test_data=test_ds)  # fmt: skip
+            r = train_swa(
+                model, train_ds, train_cfg, swa_start=job.swa_start, swa_lr=job.swa_lr, test_data=test_ds
+            )
             final, history = r.model, r.history
         else:
             from mergelab.train import train
@@ -165,11 +169,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             history = train(model, train_ds, train_cfg, test_data=test_ds)
             final = model
     else:
-        noise = cfg["noise_bn"] if late == "bn" else cfg["noise_rank1"]
         r = train_late_phase(
-            model, train_ds, train_cfg, variant=late, k=cfg["k"], t0=t0, noise=noise, swa=swa,
-            swa_start=cfg["swa_start"], swa_lr=cfg["swa_lr"] if swa else None, test_data=test_ds,
-            schedule=schedule, shared_grad=cfg["shared_grad"], seed=job["seed"],
+            model, train_ds, train_cfg, variant=late, k=job.k, t0=job.t0, noise=job.noise, swa=swa,
+            swa_start=job.swa_start, swa_lr=job.swa_lr if swa else None, test_data=test_ds,
+            schedule=job.schedule, shared_grad=job.shared_grad, seed=job.seed,
         )  # fmt: skip
         final, history = r.model, r.history
         ens = evaluate_ensemble(r.members, test)
@@ -184,10 +187,42 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     metrics = evaluate(final, test)
     out.update(
         accuracy=metrics.accuracy, nll=metrics.loss, seconds=time.perf_counter() - start,
+        cpu_seconds=time.process_time() - cpu0,
         history={"test_accuracy": history.test_accuracy, "test_loss": history.test_loss},
-        state_dict={k: v.detach().cpu().clone() for k, v in final.state_dict().items()},
+        checkpoint=f"{MODELS}/{job.name}",
     )  # fmt: skip
+    meta = {k: out[k] for k in ("dataset", "arch", "variant", "seed", "t0", "schedule", "accuracy", "nll")}
+    save(final, Path(job.run_dir) / MODELS / job.name, metadata=meta, force=True)
     return out
+
+
+def _jobs(cfg: LatePhaseStudyConfig, out: Path) -> tuple[list[LatePhaseJob], list[LatePhaseJob]]:
+    """The main table's runs, and the T0 × schedule sweep of the BatchNorm late phase (without the main "bn" run)."""
+    train = TrainConfig(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer="sgd", lr=cfg.lr, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, schedule="cosine", progress=False,
+    )  # fmt: skip
+
+    def job(d: str, a: str, v: str, s: int, t0: int, schedule: str, tag: str = "") -> LatePhaseJob:
+        late = v.split("+")[0]
+        return LatePhaseJob(
+            name=f"{d}-{a}/{v.replace('+', '-')}{tag}-seed{s}",
+            data=DataSpec(d, cfg.data_root, {"num_samples": cfg.mnist1d_samples} if d == "mnist1d" else {}),
+            model=ModelSpec(a, _model_kwargs(cfg, a)), train=replace(train, data_seed=s), variant=v, seed=s,
+            t0=t0, schedule=schedule, k=cfg.k, noise=cfg.noise_bn if late == "bn" else cfg.noise_rank1,
+            shared_grad=cfg.shared_grad, swa_start=cfg.swa_start, swa_lr=cfg.swa_lr, device=cfg.device,
+            run_dir=str(out),
+        )  # fmt: skip
+
+    main = [job(d, a, v, s, cfg.t0, cfg.schedule) for d in cfg.datasets for a in cfg.archs for v in cfg.variants
+            for s in cfg.seeds]  # fmt: skip
+    main_bn = ("bn" in cfg.variants, cfg.t0, cfg.schedule)
+    sweep = [
+        job(d, a, "bn", s, t0, sch, f"-t0{t0}-{sch}")
+        for d in cfg.datasets for a in cfg.archs for t0, sch in _sweep_points(cfg) for s in cfg.seeds
+        if (True, t0, sch) != main_bn  # that point is the main table's "bn" run
+    ]  # fmt: skip
+    return main, sweep
 
 
 @register_study("late-phase", LatePhaseStudyConfig)
@@ -196,42 +231,16 @@ def late_phase_study(cfg: LatePhaseStudyConfig, out: Path, executor: Executor) -
     import matplotlib
 
     matplotlib.use("Agg")
-    from mergelab.data import load_dataset
-    from mergelab.io import save
-    from mergelab.models import build_model
-
     cfg = apply_preset(cfg, PRESETS, "late-phase")
     check_data_root("late-phase", cfg.datasets, cfg.data_root)
     resolve_device(cfg.device)
+    started = time.perf_counter()
     report = Report(out, "Late-phase weights vs SGD and SWA", config=asdict(cfg))
-    plain = asdict(cfg)
-    jobs = [
-        {"dataset": d, "arch": a, "variant": v, "seed": s, "config": plain}
-        for d in cfg.datasets for a in cfg.archs for v in cfg.variants for s in cfg.seeds
-    ]  # fmt: skip
+    jobs, sweep_jobs = _jobs(cfg, out)
     sweep_points = _sweep_points(cfg)
-    main_bn = ("bn" in cfg.variants, cfg.t0, cfg.schedule)
-    sweep_jobs = [
-        {"dataset": d, "arch": a, "variant": "bn", "seed": s, "config": plain, "t0": t0, "schedule": sch}
-        for d in cfg.datasets for a in cfg.archs for t0, sch in sweep_points for s in cfg.seeds
-        if (True, t0, sch) != main_bn  # that point is the main table's "bn" run
-    ]  # fmt: skip
     everything = executor.map(run_job, jobs + sweep_jobs, desc="late-phase jobs")
     results = everything[: len(jobs)]
     sweep = everything[len(jobs) :] + [r for r in results if r["variant"] == "bn"]
-
-    if cfg.save_checkpoints:
-        shapes = {}
-        for r in results:
-            if r["dataset"] not in shapes:
-                d = load_dataset(r["dataset"], **_dataset_kwargs(plain, r["dataset"]))
-                shapes[r["dataset"]] = (d.input_shape, d.num_classes)
-            shape, classes = shapes[r["dataset"]]
-            m = build_model(r["arch"], shape, classes, **_model_kwargs(plain, r["arch"]))
-            m.load_state_dict(r["state_dict"])
-            name = f"{r['dataset']}-{r['arch']}-{r['variant'].replace('+', '-')}-seed{r['seed']}"
-            save(m, out / "checkpoints" / name, metadata={k: r[k] for k in ("dataset", "arch", "variant", "seed",
-                                                                               "accuracy", "nll")})  # fmt: skip
 
     rows = summary_rows(results, cfg)
     report.heading("Setup")
@@ -256,7 +265,7 @@ def late_phase_study(cfg: LatePhaseStudyConfig, out: Path, executor: Executor) -
             "ensemble acc", "ensemble NLL", "member acc"]  # fmt: skip
     report.table(rows, cols)
     report.metrics["summary"] = rows
-    report.metrics["runs"] = [{k: v for k, v in r.items() if k != "state_dict"} for r in results]
+    report.metrics["runs"] = results
 
     report.heading("The paper's numbers (for scale, not reproduced here)")
     report.text(
@@ -279,7 +288,12 @@ def late_phase_study(cfg: LatePhaseStudyConfig, out: Path, executor: Executor) -
         "numbers are CIFAR WRN-28-10 (5 seeds).",
     )
     total = sum(r["seconds"] for r in everything)
-    report.text(f"{len(everything)} jobs, {total:.0f} s of training in total ({executor.backend} executor).")
+    cpu = sum(r.get("cpu_seconds", 0.0) for r in everything)
+    report.metrics["wall_s"] = time.perf_counter() - started
+    report.text(
+        f"{len(everything)} jobs, {total:.0f} s of training wall time and {cpu:.0f} CPU-s summed over jobs; "
+        f"{report.metrics['wall_s']:.0f} s wall for the whole study ({executor.backend} executor)."
+    )
     return report
 
 

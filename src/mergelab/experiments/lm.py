@@ -24,8 +24,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+from mergelab.experiments._training import DataSpec, ModelSpec, TrainJob, TrainResult, run_train_job
 from mergelab.experiments.runner import Executor, register_study
 from mergelab.report import Report, mean_std
+from mergelab.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,26 +74,55 @@ class LMConfig:
             raise ValueError(f"LMConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 
 
+def _gpt2_config(cfg: LMConfig) -> dict[str, Any]:
+    from mergelab.data.text import VOCAB_SIZE
+
+    return {
+        "vocab_size": VOCAB_SIZE,
+        "n_positions": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "use_cache": False,  # no key/value cache: export-based structure discovery needs plain tensor outputs
+        "bos_token_id": None,  # GPT-2's 50256 lies outside a 256-byte vocabulary
+        "eos_token_id": None,
+    }
+
+
 def build_gpt2(cfg: LMConfig) -> nn.Module:
     """A randomly initialised byte-level ``GPT2LMHeadModel`` of the study's size (seed it before calling)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mergelab.data.text import VOCAB_SIZE
+    return GPT2LMHeadModel(GPT2Config(**_gpt2_config(cfg)))
 
-    config = GPT2Config(
-        vocab_size=VOCAB_SIZE,
-        n_positions=cfg.block_size,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        use_cache=False,  # no key/value cache: export-based structure discovery needs plain tensor outputs
-        bos_token_id=None,  # GPT-2's 50256 lies outside a 256-byte vocabulary
-        eos_token_id=None,
-    )
-    return GPT2LMHeadModel(config)
+
+def _train_job(cfg: LMConfig, out: Path, seed: int) -> TrainJob:
+    """Seed ``seed``'s model: initialisation and data order."""
+    text = {"block_size": cfg.block_size, "max_train_bytes": cfg.train_bytes, "max_val_bytes": cfg.val_bytes}
+    train = TrainConfig(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
+        warmup_fraction=cfg.warmup_fraction, data_seed=seed, progress=False,
+    )  # fmt: skip
+    return TrainJob(
+        name=f"seed-{seed}",
+        data=DataSpec("stdlib-text", options=text),
+        model=ModelSpec("gpt2", _gpt2_config(cfg)),
+        train=train,
+        init_seed=seed,
+        device="cpu",
+    ).at(out)
+
+
+@dataclass(frozen=True)
+class PairJob:
+    """Merge one pair of seeds' models with every method and evaluate the naive and aligned paths."""
+
+    config: LMConfig
+    models: tuple[TrainJob, TrainJob]
+    seeds: tuple[int, int]
 
 
 def _corpus(cfg: LMConfig) -> Any:
@@ -107,52 +138,7 @@ def _subset(ds: TensorDataset, n: int, seed: int) -> Subset:
     return Subset(ds, idx.sort().values.tolist())
 
 
-def train_lm_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Train one seed's model (a top-level function, so Ray can ship it); returns its weights and curve."""
-    from mergelab.evaluation import evaluate
-    from mergelab.train import TrainConfig, train
-
-    torch.set_num_threads(1)
-    cfg: LMConfig = job["config"]
-    seed: int = job["seed"]
-    corpus = _corpus(cfg)
-    torch.manual_seed(seed)
-    model = build_gpt2(cfg)
-    t0 = time.perf_counter()
-    history = train(
-        model,
-        corpus.train,
-        TrainConfig(
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            optimizer="adamw",
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            warmup_fraction=cfg.warmup_fraction,
-            data_seed=seed,
-            progress=False,
-        ),
-    )
-    seconds = time.perf_counter() - t0
-    val = evaluate(model, DataLoader(_subset(corpus.val, cfg.eval_blocks, 0), batch_size=cfg.eval_batch_size))
-    return {
-        "seed": seed,
-        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "train_loss": history.train_loss[-1],
-        "val_loss": val.loss,
-        "val_perplexity": math.exp(val.loss),
-        "steps": len(history.train_loss) * math.ceil(len(corpus.train) / cfg.batch_size),
-        "seconds": seconds,
-    }
-
-
-def _load(cfg: LMConfig, state: dict[str, torch.Tensor]) -> nn.Module:
-    model = build_gpt2(cfg)
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def lm_pair_job(job: dict[str, Any]) -> dict[str, Any]:
+def lm_pair_job(job: PairJob) -> dict[str, Any]:
     """Merge one pair with every method and evaluate the naive and aligned paths (top-level for Ray)."""
     import mergelab
     from mergelab.analysis.interpolate import interpolate
@@ -160,9 +146,9 @@ def lm_pair_job(job: dict[str, Any]) -> dict[str, Any]:
     from mergelab.merge.aligned import align_to
 
     torch.set_num_threads(1)
-    cfg: LMConfig = job["config"]
+    cfg = job.config
     corpus = _corpus(cfg)
-    a, b = (_load(cfg, s) for s in job["states"])
+    a, b = (m.load("cpu") for m in job.models)
     bs = cfg.eval_batch_size
     train_eval = DataLoader(_subset(corpus.train, cfg.eval_blocks, 0), batch_size=bs)
     val_eval = DataLoader(_subset(corpus.val, cfg.eval_blocks, 0), batch_size=bs)
@@ -170,7 +156,7 @@ def lm_pair_job(job: dict[str, Any]) -> dict[str, Any]:
     stats = list(DataLoader(_subset(corpus.train, cfg.stat_batches * bs, 1), batch_size=bs))
     t0 = time.perf_counter()
     paths: dict[str, dict[str, Any]] = {}
-    structure: Any = None  # discovered once per pair, shared by the aligned methods
+    ctx: Any = None  # one match context per pair: structure and statistics shared by the aligned methods
     discover_seconds = 0.0
     for method in cfg.methods:
         try:
@@ -179,15 +165,15 @@ def lm_pair_job(job: dict[str, Any]) -> dict[str, Any]:
                 b_path = b
                 merged = mergelab.merge([a, b], method="average")
             else:
-                if structure is None:
-                    structure = mergelab.discover_structure(a, stats[0][0][:2])
+                if ctx is None:
+                    ctx = mergelab.match_context([a, b], stats, example_input=stats[0][0][:2])
                     discover_seconds = time.perf_counter() - start
                     start = time.perf_counter()
-                b_path = align_to(a, b, method=method, data=stats, structure=structure)
-                merged = mergelab.merge([a, b], method=method, data=stats, structure=structure)
+                b_path = align_to(a, b, method=method, context=ctx)
+                merged = mergelab.merge([a, b], method=method, context=ctx)
             align_seconds = time.perf_counter() - start
         except Exception as e:  # noqa: BLE001 — an unsupported model is a result of the study, not a crash
-            log.warning("lm study: %s failed on seeds %s: %s", method, job["seeds"], e)
+            log.warning("lm study: %s failed on seeds %s: %s", method, job.seeds, e)
             paths[method] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:400]}
             continue
         curve = interpolate(a, b_path, train_eval, steps=cfg.steps, test_data=val_eval)
@@ -202,10 +188,10 @@ def lm_pair_job(job: dict[str, Any]) -> dict[str, Any]:
             "merge_seconds": align_seconds,
         }
     return {
-        "seeds": job["seeds"],
+        "seeds": job.seeds,
         "paths": paths,
         "discover_seconds": discover_seconds,
-        "structure": None if structure is None else _describe(structure),
+        "structure": None if ctx is None else _describe(ctx.structure),
         "seconds": time.perf_counter() - t0,
     }
 
@@ -230,15 +216,11 @@ def lm(cfg: LMConfig, out: Path, executor: Executor) -> Report:
     """Perplexity barriers between GPT-2-style byte-level LMs from different seeds, naive vs aligned."""
     report = Report(out, "Language-model merging: naive vs aligned perplexity barriers", config=asdict(cfg))
     corpus = _corpus(cfg)
-    trained = executor.map(
-        train_lm_job, [{"config": cfg, "seed": s} for s in range(cfg.models)], desc="train seeds"
-    )
-    _save_models(cfg, trained, out / "models")
+    train_jobs = [_train_job(cfg, out, s) for s in range(cfg.models)]
+    trained = _trained_rows(cfg, train_jobs, executor.map(run_train_job, train_jobs, desc="train seeds"))
+    _save_hf(train_jobs, out / "hf")
     pairs = [(i, j) for i in range(cfg.models) for j in range(i + 1, cfg.models)]
-    jobs = [
-        {"config": cfg, "seeds": (i, j), "states": (trained[i]["state_dict"], trained[j]["state_dict"])}
-        for i, j in pairs
-    ]
+    jobs = [PairJob(cfg, (train_jobs[i], train_jobs[j]), (i, j)) for i, j in pairs]
     results = executor.map(lm_pair_job, jobs, desc="seed pairs")
 
     report.text(
@@ -288,7 +270,7 @@ def lm(cfg: LMConfig, out: Path, executor: Executor) -> Report:
         rows=rows,
         errors=errors,
         corpus=corpus.meta,
-        models=[{k: v for k, v in t.items() if k != "state_dict"} for t in trained],
+        models=trained,
         results=results,
     )
     described = next((r["structure"] for r in results if r["structure"]), None)
@@ -296,8 +278,8 @@ def lm(cfg: LMConfig, out: Path, executor: Executor) -> Report:
         seconds = mean_std([r["discover_seconds"] for r in results])
         report.heading("Discovered structure")
         report.text(
-            f"`mergelab.discover_structure` on model A (once per pair, {seconds[0]:.1f} s each), shared by the "
-            "aligned methods:\n\n```\n" + described.rstrip() + "\n```"
+            f"`mergelab.match_context` discovers it on model A once per pair ({seconds[0]:.1f} s each); the aligned "
+            "methods share it and its activation statistics:\n\n```\n" + described.rstrip() + "\n```"
         )
     report.heading("Curves")
     fig_path = _plot(cfg, results, out)
@@ -341,10 +323,27 @@ def _rows(cfg: LMConfig, results: list[dict[str, Any]]) -> tuple[list[dict[str, 
     return rows, errors
 
 
-def _save_models(cfg: LMConfig, trained: list[dict[str, Any]], folder: Path) -> None:
-    """Each endpoint as a Hugging Face folder (config.json + model.safetensors) for re-analysis."""
-    for t in trained:
-        _load(cfg, t["state_dict"]).save_pretrained(folder / f"seed-{t['seed']}")
+def _trained_rows(cfg: LMConfig, jobs: list[TrainJob], results: list[TrainResult]) -> list[dict[str, Any]]:
+    """Per seed: training steps, last-epoch train loss, validation loss / perplexity, checkpoint."""
+    from mergelab.evaluation import evaluate
+
+    corpus = _corpus(cfg)
+    val_blocks = DataLoader(_subset(corpus.val, cfg.eval_blocks, 0), batch_size=cfg.eval_batch_size)
+    rows = []
+    for seed, (job, r) in enumerate(zip(jobs, results, strict=True)):
+        val = evaluate(job.load("cpu"), val_blocks)
+        rows.append({
+            "seed": seed, "train_loss": r.train_loss[-1], "val_loss": val.loss, "val_perplexity": math.exp(val.loss),
+            "steps": len(r.train_loss) * math.ceil(len(corpus.train) / cfg.batch_size), "seconds": r.seconds,
+            "checkpoint": r.checkpoint,
+        })  # fmt: skip
+    return rows
+
+
+def _save_hf(jobs: list[TrainJob], folder: Path) -> None:
+    """Each endpoint also as a Hugging Face folder (``hf/seed-K``: ``from_pretrained`` reads it)."""
+    for job in jobs:
+        job.load("cpu").save_pretrained(folder / job.name)
 
 
 def _plot(cfg: LMConfig, results: list[dict[str, Any]], out: Path) -> Path:
