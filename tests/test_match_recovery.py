@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from _cnn_nets import CNN_NETS, randomize_norms, torchvision_init
+from _zoo_tiny import ZOO_TINY
 from torch import Tensor, nn
 
 import mergelab
@@ -27,20 +28,11 @@ from mergelab.structure import discover_structure, permute, random_permutations
 
 Builder = Callable[[int], tuple[nn.Module, Tensor]]
 
-# tiny zoo settings (as in tests/test_structure.py)
-_ZOO_TINY = {
-    "mlp": {"width": 8, "depth": 2},
-    "cnn": {"width": 4},
-    "vgg": {"width": 0.125},
-    "resnet": {"depth": 8, "width": 0.25},
-    "vit": {"dim": 8, "depth": 2, "heads": 2},
-}
-
 
 def _zoo(name: str) -> Builder:
     def build(seed: int) -> tuple[nn.Module, Tensor]:
         torch.manual_seed(seed)
-        model = build_model(name, (1, 8, 8), 3, **_ZOO_TINY[name])
+        model = build_model(name, (1, 8, 8), 3, **ZOO_TINY[name])
         randomize_norms(model, torch.Generator().manual_seed(seed + 1))
         return model.eval(), torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(seed + 2))
 
@@ -65,7 +57,7 @@ def _cnn(name: str, init: str) -> Builder:
 
 
 RECOVERY_MODELS: dict[str, Builder] = {
-    **{f"zoo-{name}": _zoo(name) for name in _ZOO_TINY},
+    **{f"zoo-{name}": _zoo(name) for name in ZOO_TINY},
     **{f"{name}-{init}": _cnn(name, init) for name in CNN_NETS for init in ("default", "torchvision")},
 }
 

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _zoo_tiny import ZOO_TINY
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -953,13 +954,6 @@ def test_random_compositions_are_permutation_invariant(
 # --------------------------------------------------------------------------------------------------------------
 
 _ZOO_NAMES = ["mlp", "vgg", "cnn", "resnet", "vit"]
-_TINY = {
-    "mlp": {"width": 8, "depth": 2},
-    "cnn": {"width": 4},
-    "vgg": {"width": 0.125},
-    "resnet": {"depth": 8, "width": 0.25},
-    "vit": {"dim": 8, "depth": 2, "heads": 2},
-}
 
 
 def _zoo():  # noqa: ANN202 - returns the module or None
@@ -982,7 +976,7 @@ def test_zoo_models_are_permutation_invariant(name: str, shape: tuple[int, ...])
     if name not in _ZOO.list_models():
         pytest.skip(f"{name!r} not registered in the zoo")
     torch.manual_seed(0)
-    model = _ZOO.build_model(name, shape, 3, **_TINY.get(name, {}))
+    model = _ZOO.build_model(name, shape, 3, **ZOO_TINY.get(name, {}))
     s = assert_permutation_invariant(model, torch.randn(4, *shape))
     assert all(not (a.param.startswith("head.") and a.role == "out") for g in s for a in g.axes)
     first = next(k for k, v in model.state_dict().items() if v.dim() >= 2)
@@ -1006,7 +1000,7 @@ def test_zoo_variants(name: str, kw: dict) -> None:
     if _ZOO is None or name not in _ZOO.list_models():
         pytest.skip("model zoo not available yet")
     torch.manual_seed(0)
-    model = _ZOO.build_model(name, (1, 8, 8), 3, **{**_TINY[name], **kw})
+    model = _ZOO.build_model(name, (1, 8, 8), 3, **{**ZOO_TINY[name], **kw})
     assert_permutation_invariant(model, torch.randn(4, 1, 8, 8))
     assert_permutation_invariant(model, torch.randn(4, 1, 8, 8), train=True)
 
