@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mergelab.evaluation import split_batch
+from mergelab.evaluation import batches
 from mergelab.match.features import FeatureStats, collect_features
 from mergelab.structure.checks import check_same_architecture, normalize_coefficients
 from mergelab.structure.types import Structure
@@ -133,8 +133,7 @@ def example_input_for(
     if example_input is not None:
         return example_input
     if data is not None:
-        for batch in data:
-            x, _ = split_batch(batch)
+        for x, _ in batches(data, max_batches=1):
             return x[:2]
     spec = getattr(model, "mergelab_spec", None)
     if isinstance(spec, dict) and "input_shape" in spec:
