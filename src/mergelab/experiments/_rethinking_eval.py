@@ -15,17 +15,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from mergelab.experiments._rethinking_config import METHOD_COLUMNS, RethinkingConfig, parse_perturbation
-from mergelab.experiments._training import TrainJob, TrainResult
+from mergelab.experiments._training import TrainJob, TrainResult, tensor_batches
 
 log = logging.getLogger(__name__)
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def batches(ds: TensorDataset, size: int = 512) -> Batches:
-    """Evaluation batches as tensor slices (a DataLoader would index a TensorDataset sample by sample)."""
-    x, y = ds.tensors[0], ds.tensors[1]
-    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
 
 
 @dataclass(frozen=True)
@@ -67,7 +61,13 @@ def analysis_job(job: PoolJob | StabilityJob) -> dict[str, Any]:
             return {"kind": "stability", "key": job.key, "curves": curves, "path": str(path)}
         status: dict[str, str] = {}
         results = _evaluate_pool(
-            members, list(job.held_accs), batches(held), batches(test), job.ns, job.align, status
+            members,
+            list(job.held_accs),
+            tensor_batches(held),
+            tensor_batches(test),
+            job.ns,
+            job.align,
+            status,
         )
         return {"kind": "evaluate", "key": job.key, "results": results, "align_status": status}
     finally:
@@ -170,7 +170,7 @@ def _stability(
 ) -> tuple[dict[str, list[dict[str, Any]]], Path]:
     from mergelab.analysis.stability import plot_stability, stability_curve
 
-    held_loader, test_loader = batches(held), batches(test)
+    held_loader, test_loader = tensor_batches(held), tensor_batches(test)
     systems = _systems(held_loader)
     curves: dict[str, list[dict[str, Any]]] = {}
     for spec in job.perturbations:

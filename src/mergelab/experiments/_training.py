@@ -264,8 +264,8 @@ class TrainJob:
         test_acc = held_acc = None
         if self.evaluate:
             _, held, test = self.data.splits(device)
-            test_acc = evaluate(model, _slices(test)).accuracy
-            held_acc = evaluate(model, _slices(held)).accuracy if held is not None else None
+            test_acc = evaluate(model, tensor_batches(test)).accuracy
+            held_acc = evaluate(model, tensor_batches(held)).accuracy if held is not None else None
         result = TrainResult(
             name=self.name,
             checkpoint=f"{MODELS}/{self.name}",
@@ -281,7 +281,7 @@ class TrainJob:
         return result
 
 
-def _slices(ds: TensorDataset, size: int = 512) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def tensor_batches(ds: TensorDataset, size: int = 512) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Evaluation batches as tensor slices (a DataLoader would index a TensorDataset sample by sample)."""
     x, y = ds.tensors[0], ds.tensors[1]
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
