@@ -219,9 +219,8 @@ class TrainJob:
 
         if self._saved_result() is None:
             self.run()
-        with torch.random.fork_rng(
-            devices=[]
-        ):  # building draws initial weights, overwritten by the checkpoint
+        # building draws initial weights, overwritten by the checkpoint: keep the caller's RNG stream as it was
+        with torch.random.fork_rng(devices=[]):
             model = load(self.checkpoint, model=self.model.build(self.data))
         if device is not None:
             model.to(resolve_device(device) if isinstance(device, str) else device)
@@ -252,9 +251,8 @@ class TrainJob:
         model = self.model.build(self.data)
         if self.init is not None:
             model.load_state_dict(self.init.load().state_dict())
-            if (
-                self.head_seed is not None
-            ):  # fine-tuning: a fresh head, as when a pretrained net meets a new task
+            # fine-tuning: a fresh head, as when a pretrained net meets a new task
+            if self.head_seed is not None:
                 torch.manual_seed(self.head_seed)
                 model.head.reset_parameters()
         model.to(device)
