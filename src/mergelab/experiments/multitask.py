@@ -643,9 +643,8 @@ def _claims(res: list[dict[str, Any]], setting: str) -> list[Claim]:
         diff("ZipIt beats permutation alignment", ZIPIT_OWN, "activation matching",
              "ZipIt!: CIFAR-10 5+5 joint 79.1 vs 58.4 (Permute)"),
     ]  # fmt: skip
-    if (
-        len(cuts) >= 3
-    ):  # a deep net: also ZipIt's own ratio of zipped layers (13 of 20 ≈ 0.65), fixed in advance
+    # a deep net: also ZipIt's own ratio of zipped layers (13 of 20 ≈ 0.65), fixed in advance
+    if len(cuts) >= 3:
         mid = max(1, round(0.65 * (cuts[-1] + 1)))
         if mid in cuts and mid != cuts[-1]:
             out.append(diff(f"Partial zipping (first {mid} of {cuts[-1] + 1} groups, ZipIt's 13/20) beats full zipping",
